@@ -1,0 +1,3 @@
+"""KIDP deployment broker: one core, thin edges per cloud."""
+
+__version__ = "0.1.0"
