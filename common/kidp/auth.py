@@ -33,7 +33,7 @@ import httpx
 import jwt
 from jwt.exceptions import InvalidSubjectError
 
-from kidp.errors import Forbidden, Unauthorized, ValidationFailed
+from kidp.errors import AuthUnavailable, Forbidden, Unauthorized, ValidationFailed
 
 __all__ = [
     "SCOPE_DELETE",
@@ -265,7 +265,10 @@ class TokenVerifier:
         if found is not None:
             return found
         if keyset is None:
-            raise Unauthorized("signing keys unavailable")
+            # The identity provider is down: a 503 to retry, not a 401 blaming the token.
+            raise AuthUnavailable(
+                "signing keys unavailable", retry_after=max(1.0, self._refetch_seconds)
+            )
         if kid is None:
             raise Unauthorized("token has no key id (kid)")
         raise Unauthorized("unknown signing key")

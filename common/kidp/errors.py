@@ -23,6 +23,7 @@ worker edge.
         +-- RateLimited             429 rate_limited
         +-- CloudUnavailable        503 cloud_unavailable
         +-- StoreUnavailable        503 store_unavailable
+        +-- AuthUnavailable         503 auth_unavailable (JWKS unreachable)
         +-- ConcurrentUpdate        409 concurrent_update (optimistic version lost)
 """
 
@@ -127,6 +128,13 @@ class CloudUnavailable(TemporaryError):
 
 class StoreUnavailable(TemporaryError):
     code = "store_unavailable"
+    http_status = 503
+
+
+class AuthUnavailable(TemporaryError):
+    """The identity provider's keys cannot be fetched: not the caller's fault."""
+
+    code = "auth_unavailable"
     http_status = 503
 
 
