@@ -8,6 +8,7 @@ Lambda, an Azure Function, a worker thread or a test.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -168,7 +169,8 @@ class DeploymentStore(Protocol):
 
     def try_start(self, deployment_id: str, *, expected_version: int, cap: int) -> bool:
         """Move a Pending deployment to Provisioning only while fewer than ``cap``
-        deployments of its namespace are Provisioning. Atomic."""
+        deployments of its namespace are Provisioning. Atomic. Raises
+        ``ConcurrentUpdate`` when the stored version is no longer ``expected_version``."""
         ...
 
     def list(
@@ -180,7 +182,7 @@ class DeploymentStore(Protocol):
         resource_name: str | None = None,
         updated_before: datetime | None = None,
         limit: int = 1000,
-    ) -> list[Deployment]: ...
+    ) -> builtins.list[Deployment]: ...
 
     def count_by_phase(self) -> dict[Phase, int]: ...
 
@@ -193,7 +195,7 @@ class DeploymentStore(Protocol):
 
     def save_event(self, event: CallbackEvent) -> None: ...
 
-    def pending_events(self, *, created_before: datetime, limit: int = 100) -> list[CallbackEvent]:
+    def pending_events(self, *, created_before: datetime, limit: int = 100) -> builtins.list[CallbackEvent]:
         """Undelivered, not dead-lettered events (to re-enqueue after a crash)."""
         ...
 
@@ -204,14 +206,14 @@ class DeploymentStore(Protocol):
 
     def save_dead_letter(self, letter: DeadLetter) -> None: ...
 
-    def list_dead_letters(self, *, include_resolved: bool = False) -> list[DeadLetter]: ...
+    def list_dead_letters(self, *, include_resolved: bool = False) -> builtins.list[DeadLetter]: ...
 
     # cost history
     def put_cost_snapshot(self, snapshot: CostSnapshot) -> None:
         """Insert or replace the snapshot for (deployment, day)."""
         ...
 
-    def cost_snapshots(self, *, day: str) -> list[CostSnapshot]: ...
+    def cost_snapshots(self, *, day: str) -> builtins.list[CostSnapshot]: ...
 
     def check(self) -> None: ...
 
@@ -229,7 +231,11 @@ class JobQueue(Protocol):
     """At-least-once jobs with a delay. Push platforms (SQS to Lambda) only use
     ``enqueue``; pull runtimes also use ``receive``/``ack``/``retry``."""
 
-    def enqueue(self, job: Job, *, delay: float = 0.0) -> None: ...
+    def enqueue(self, job: Job, *, delay: float = 0.0) -> None:
+        """Add ``job``. Enqueueing the id of a job that is waiting is a no-op;
+        enqueueing the id of a job that is leased runs it once more after its
+        current holder acknowledges it (a job may re-enqueue itself)."""
+        ...
 
     def receive(self, *, max_jobs: int, lease_seconds: float) -> list[Delivery]:
         """Jobs due now, leased to the caller; an unacknowledged lease expires and
