@@ -60,13 +60,17 @@ FIELDS: dict[ResourceType, frozenset[str]] = {
         {"engine", "version", "partitions", "replication_factor", "retention_hours"}
     ),
     ResourceType.BUCKET: frozenset({"versioning", "encryption", "size"}),
-    ResourceType.SERVICE: frozenset(
-        {"image", "port", "replicas", "size", "high_availability"}
-    ),
+    ResourceType.SERVICE: frozenset({"image", "port", "replicas", "size", "high_availability"}),
 }
 
-DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mongodb": 27017, "redis": 6379,
-                 "memcached": 11211, "kafka": 9092}
+DEFAULT_PORTS = {
+    "postgresql": 5432,
+    "mysql": 3306,
+    "mongodb": 27017,
+    "redis": 6379,
+    "memcached": 11211,
+    "kafka": 9092,
+}
 
 
 def _camel(field: str) -> str:

@@ -8,8 +8,6 @@ than a silently ignored value.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import uuid
 from datetime import UTC, datetime
@@ -188,18 +186,6 @@ class ProvisionRequest(WireModel):
     target: Target | None = None
     spec: ResourceSpec = Field(default_factory=ResourceSpec)
 
-    def spec_fingerprint(self) -> str:
-        """Hash of what decides the resource: equal hashes mean the same request."""
-        material = {
-            "spec": self.spec.wire(),
-            "team": self.team,
-            "application": self.application,
-            "deletionPolicy": self.deletion_policy.value,
-        }
-        return hashlib.sha256(
-            json.dumps(material, sort_keys=True, separators=(",", ":")).encode()
-        ).hexdigest()
-
 
 class DeprovisionRequest(WireModel):
     """``POST /v1/deprovision``: by deploymentId, or by namespace/type/name."""
@@ -322,6 +308,9 @@ class Deployment(BaseModel):
     last_checked_at: datetime | None = None
     last_progress_at: datetime | None = None
     credentials_rotated_at: datetime | None = None
+    #: Id of the one job allowed to drive this deployment next; a duplicate or
+    #: superseded job sees a different token and drops itself.
+    job_token: str | None = None
     version: int = 0
 
     @property
@@ -416,6 +405,8 @@ class Job(BaseModel):
     kind: JobKind
     deployment_id: str
     event_id: str | None = None
+    #: For callback jobs: the event's attempt count when scheduled (stale copies drop).
+    seq: int = 0
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
 
     def to_json(self) -> str:

@@ -195,7 +195,9 @@ class DeploymentStore(Protocol):
 
     def save_event(self, event: CallbackEvent) -> None: ...
 
-    def pending_events(self, *, created_before: datetime, limit: int = 100) -> builtins.list[CallbackEvent]:
+    def pending_events(
+        self, *, created_before: datetime, limit: int = 100
+    ) -> builtins.list[CallbackEvent]:
         """Undelivered, not dead-lettered events (to re-enqueue after a crash)."""
         ...
 

@@ -16,12 +16,24 @@ HOURS_PER_MONTH = 730
 #: Hourly compute price by provider, resource type and size.
 _COMPUTE_HOURLY: dict[str, dict[ResourceType, dict[Size, float]]] = {
     "aws": {
-        ResourceType.DATABASE: {Size.SMALL: 0.068, Size.MEDIUM: 0.136, Size.LARGE: 0.272,
-                                Size.XLARGE: 0.544},
-        ResourceType.CACHE: {Size.SMALL: 0.034, Size.MEDIUM: 0.068, Size.LARGE: 0.156,
-                             Size.XLARGE: 0.311},
-        ResourceType.SERVICE: {Size.SMALL: 0.049, Size.MEDIUM: 0.099, Size.LARGE: 0.198,
-                               Size.XLARGE: 0.395},
+        ResourceType.DATABASE: {
+            Size.SMALL: 0.068,
+            Size.MEDIUM: 0.136,
+            Size.LARGE: 0.272,
+            Size.XLARGE: 0.544,
+        },
+        ResourceType.CACHE: {
+            Size.SMALL: 0.034,
+            Size.MEDIUM: 0.068,
+            Size.LARGE: 0.156,
+            Size.XLARGE: 0.311,
+        },
+        ResourceType.SERVICE: {
+            Size.SMALL: 0.049,
+            Size.MEDIUM: 0.099,
+            Size.LARGE: 0.198,
+            Size.XLARGE: 0.395,
+        },
     },
 }
 #: Per GB-month of provisioned storage.

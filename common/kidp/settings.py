@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kidp.errors import ValidationFailed
 
@@ -46,7 +46,7 @@ class Settings(BaseModel):
     callback_secret: str | None = Field(default=None, repr=False)
     callback_allowlist: list[str] = Field(default_factory=list)
     callback_timeout_seconds: float = 30.0
-    callback_retry_delays: list[float] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
+    callback_retry_delays: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0])
     dead_letter_retry_seconds: float = 1800.0
     dead_letter_max_age_seconds: float = 86400.0
 
@@ -54,6 +54,11 @@ class Settings(BaseModel):
     aws_msk_cluster_arn: str | None = None
     aws_ecs_cluster: str = "kidp"
     aws_subnet_ids: list[str] = Field(default_factory=list)
+    aws_security_group_ids: list[str] = Field(default_factory=list)
+    aws_db_subnet_group: str | None = None
+    aws_cache_subnet_group: str | None = None
+    aws_ecs_execution_role_arn: str | None = None
+    secret_store: str = ""
     tag_prefix: str = "platform.company.com/"
     managed_by: str = "kidp"
 
@@ -109,7 +114,7 @@ class Settings(BaseModel):
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls.model_validate(values)
-        except Exception as exc:  # pydantic's message names the variable's field
+        except ValidationError as exc:  # pydantic's message names the variable's field
             raise ValidationFailed(f"invalid configuration: {exc}") from None
 
     def state_file(self, name: str, *, create: str) -> str:

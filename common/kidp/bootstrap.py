@@ -1,0 +1,177 @@
+"""The composition root: settings -> adapters -> service.
+
+Production, the embedded service, the CLI and the tests all build the broker
+here; tests hand in their own adapters (pointed at emulators) through the same
+door. Adapter modules are imported lazily so a broker that serves AWS never
+imports another cloud's SDK.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+from kidp.api import Gatekeeper, create_app
+from kidp.auth import TokenVerifier
+from kidp.callbacks import CallbackSender
+from kidp.errors import ValidationFailed
+from kidp.limits import InMemoryRateLimiter
+from kidp.observability import Metrics
+from kidp.ports import CloudProvider, DeploymentStore, JobQueue, RateLimiter, SecretStore
+from kidp.scans import Scanner
+from kidp.service import BrokerService
+from kidp.settings import Settings
+from kidp.ssrf import Allowlist
+
+PROVIDERS = ("aws",)
+
+
+@dataclass
+class Broker:
+    """Everything one broker process needs, wired."""
+
+    settings: Settings
+    service: BrokerService
+    scanner: Scanner
+    verifier: TokenVerifier
+    limiter: RateLimiter
+    app: Gatekeeper
+    closers: list[Any] = field(default_factory=list)
+
+    def close(self) -> None:
+        """Release clients and connections (in reverse order of creation)."""
+        for closer in reversed(self.closers):
+            closer()
+        self.closers.clear()
+
+
+def build_provider(settings: Settings, metrics: Metrics) -> CloudProvider:
+    """The cloud provider named by ``KIDP_PROVIDER`` (default: ``KIDP_CLOUD``)."""
+    name = settings.provider_name
+
+    def on_call(resource_type: str, operation: str) -> None:
+        metrics.cloud_api_calls.labels(name, resource_type, operation).inc()
+
+    if name == "aws":
+        from kidp.providers.aws import AwsProvider
+
+        return AwsProvider(
+            region=settings.region,
+            endpoint_url=settings.aws_endpoint_url,
+            tag_prefix=settings.tag_prefix,
+            managed_by=settings.managed_by,
+            msk_cluster_arn=settings.aws_msk_cluster_arn,
+            ecs_cluster=settings.aws_ecs_cluster,
+            subnet_ids=settings.aws_subnet_ids,
+            security_group_ids=settings.aws_security_group_ids,
+            db_subnet_group=settings.aws_db_subnet_group,
+            cache_subnet_group=settings.aws_cache_subnet_group,
+            ecs_execution_role_arn=settings.aws_ecs_execution_role_arn,
+            on_call=on_call,
+        )
+    raise ValidationFailed(
+        f"provider '{name}' is not available in this release; available: {', '.join(PROVIDERS)}"
+    )
+
+
+def build_store(settings: Settings) -> DeploymentStore:
+    """The deployment store named by ``KIDP_STORE_URL``."""
+    scheme = urlparse(settings.store_url).scheme.split("+")[0]
+    if scheme in ("sqlite", "postgresql", "postgres"):
+        from kidp.stores.sql import SqlDeploymentStore
+
+        return SqlDeploymentStore(settings.store_url)
+    raise ValidationFailed(
+        f"KIDP_STORE_URL scheme '{scheme}' is not supported; use sqlite:/// or postgresql://"
+    )
+
+
+def build_queue(settings: Settings, store: DeploymentStore) -> JobQueue:
+    """The job queue named by ``KIDP_QUEUE_URL``; unset means a durable table in
+    the store's own database."""
+    if settings.queue_url is None:
+        from kidp.queues.sql import SqlJobQueue
+        from kidp.stores.sql import SqlDeploymentStore
+
+        if not isinstance(store, SqlDeploymentStore):
+            raise ValidationFailed("KIDP_QUEUE_URL is required with this KIDP_STORE_URL")
+        return SqlJobQueue(store.engine, max_deliveries=settings.job_max_deliveries)
+    scheme = urlparse(settings.queue_url).scheme
+    raise ValidationFailed(f"KIDP_QUEUE_URL scheme '{scheme}' is not supported yet")
+
+
+def build_secrets(settings: Settings) -> SecretStore:
+    """The secret store: the provider's own cloud store, or the local encrypted file."""
+    kind = settings.secret_store or ("aws" if settings.provider_name == "aws" else "local")
+    if kind == "aws":
+        from kidp.secrets.aws import SecretsManagerStore
+
+        return SecretsManagerStore(region=settings.region, endpoint_url=settings.aws_endpoint_url)
+    if kind == "local":
+        from kidp.secrets.local import LocalSecretStore, load_or_create_key
+
+        key = load_or_create_key(settings.state_dir / "secrets.key")
+        return LocalSecretStore(settings.state_dir / "secrets.enc", key=key)
+    raise ValidationFailed(f"KIDP_SECRET_STORE '{kind}' is not supported; use aws or local")
+
+
+def build_verifier(settings: Settings) -> TokenVerifier:
+    """Bearer token verification fixed by configuration (HS256 or a JWKS URL)."""
+    return TokenVerifier(
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        hs_secret=settings.effective_jwt_secret(),
+        jwks_url=settings.jwt_jwks_url,
+        algorithms=settings.jwt_algorithms,
+        leeway_seconds=settings.jwt_leeway_seconds,
+    )
+
+
+def build(
+    settings: Settings,
+    *,
+    provider: CloudProvider | None = None,
+    store: DeploymentStore | None = None,
+    queue: JobQueue | None = None,
+    secrets: SecretStore | None = None,
+    sender: CallbackSender | None = None,
+    limiter: RateLimiter | None = None,
+    metrics: Metrics | None = None,
+) -> Broker:
+    """Wire a broker from ``settings``; any adapter given replaces the configured one."""
+    metrics = metrics or Metrics()
+    store = store or build_store(settings)
+    queue = queue or build_queue(settings, store)
+    provider = provider or build_provider(settings, metrics)
+    secrets = secrets or build_secrets(settings)
+    closers: list[Any] = []
+    if sender is None:
+        sender = CallbackSender(
+            secret=settings.effective_callback_secret(),
+            allowlist=Allowlist.parse(settings.callback_allowlist),
+            timeout_seconds=settings.callback_timeout_seconds,
+        )
+        closers.append(sender.close)
+    service = BrokerService(
+        settings=settings,
+        provider=provider,
+        store=store,
+        queue=queue,
+        secrets=secrets,
+        sender=sender,
+        metrics=metrics,
+    )
+    scanner = Scanner(service)
+    verifier = build_verifier(settings)
+    limiter = limiter or InMemoryRateLimiter()
+    app = create_app(service, verifier=verifier, limiter=limiter, scanner=scanner)
+    return Broker(
+        settings=settings,
+        service=service,
+        scanner=scanner,
+        verifier=verifier,
+        limiter=limiter,
+        app=app,
+        closers=closers,
+    )

@@ -1,0 +1,198 @@
+"""``kidp-broker demo``: the whole broker on one machine, end to end.
+
+Starts the AWS emulator, the broker (API, workers, timers) and a local
+callback receiver that verifies each Standard Webhooks signature; provisions
+a sample PostgreSQL database, prints every callback and the final status
+(cost, tags, secret reference; never the password), deprovisions it and
+exits 0. Exits 1 if any step does not happen in time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import queue
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from kidp.auth import mint_token
+from kidp.bootstrap import build
+from kidp.callbacks import sign
+from kidp.emulator import free_port, start_aws_emulator
+from kidp.observability import configure_logging
+from kidp.runtime import EmbeddedBroker
+from kidp.settings import Settings
+
+SAMPLE = {
+    "resourceType": "database",
+    "resourceName": "orders-db",
+    "namespace": "team-platform",
+    "team": "platform-team",
+    "owner": "alice@example.com",
+    "application": "orders",
+    "spec": {
+        "engine": "postgresql",
+        "version": "15",
+        "size": "medium",
+        "backup": {"enabled": True, "retention": "7d", "schedule": "0 2 * * *"},
+        "encryption": {"atRest": True, "inTransit": True},
+    },
+}
+
+
+class CallbackReceiver:
+    """A local receiver that checks the signature of every callback it gets."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self.received: queue.Queue[dict[str, Any]] = queue.Queue()
+        #: Every verified delivery as (webhook-id, payload), duplicates included.
+        self.log: list[tuple[str, dict[str, Any]]] = []
+        #: When set, answer with this status instead of accepting (a broken receiver).
+        self.fail_with: int | None = None
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                msg_id = self.headers.get("webhook-id", "")
+                stamp = self.headers.get("webhook-timestamp", "0")
+                expected = sign(receiver.secret, msg_id, int(stamp), body)
+                offered = self.headers.get("webhook-signature", "").split(" ")
+                valid = any(hmac.compare_digest(expected, s) for s in offered)
+                failing = receiver.fail_with
+                self.send_response(failing or (204 if valid else 401))
+                self.end_headers()
+                if valid and failing is None:
+                    payload = json.loads(body)
+                    receiver.log.append((msg_id, payload))
+                    receiver.received.put(payload)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/callback"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, phase: str, timeout: float) -> dict[str, Any] | None:
+        """Print callbacks as they arrive until one in ``phase``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                payload = self.received.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            _show_callback(payload)
+            if payload["phase"] == phase:
+                return payload
+        return None
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def _show_callback(payload: dict[str, Any]) -> None:
+    meta = payload.get("additionalMetadata", {})
+    line = f"  callback  {payload['phase']:<12} {payload['message']}"
+    if payload.get("endpoint"):
+        line += f"\n            endpoint={payload['endpoint']}:{payload.get('port')}"
+    if payload.get("connectionSecret"):
+        line += f" secret={payload['connectionSecret']}"
+    if "secretRef" in meta:
+        line += f"\n            secretRef={meta['secretRef']['id']}"
+    print(line, flush=True)
+
+
+def run_demo(*, timeout: float = 120.0) -> int:
+    """Run the demo; 0 when the database reached Ready and then Deleted."""
+    configure_logging("WARNING")
+    with tempfile.TemporaryDirectory(prefix="kidp-demo-") as state:
+        emulator = start_aws_emulator()
+        settings = Settings(
+            cloud="aws",
+            region="us-east-1",
+            store_url=f"sqlite:///{state}/broker.db",
+            state_dir=Path(state),
+            aws_endpoint_url=emulator.endpoint_url,
+            callback_allowlist=["127.0.0.1"],
+            poll_interval_seconds=1.0,
+            progress_interval_seconds=5.0,
+            log_level="WARNING",
+        )
+        secret = settings.effective_callback_secret()
+        receiver = CallbackReceiver(secret)
+        port = free_port()
+        runtime = EmbeddedBroker(build(settings), port=port)
+        try:
+            runtime.start()
+            return _script(settings, f"http://127.0.0.1:{port}", receiver, timeout)
+        finally:
+            runtime.stop()
+            receiver.close()
+            emulator.stop()
+
+
+def _script(settings: Settings, base: str, receiver: CallbackReceiver, timeout: float) -> int:
+    secret = settings.effective_jwt_secret()
+    assert secret is not None
+    token = mint_token(
+        secret=secret,
+        subject="demo",
+        scopes=["deploy", "read", "delete"],
+        namespaces=["team-platform"],
+        ttl_seconds=600,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+    )
+    headers = {"Authorization": f"Bearer {token}"}
+    request = {**SAMPLE, "callbackUrl": receiver.url}
+    with httpx.Client(base_url=base, headers=headers, timeout=30) as http:
+        print(f"kidp-broker demo: broker on {base} (AWS emulated), callbacks to {receiver.url}")
+        print("POST /v1/provision  database/orders-db  postgresql 15, medium")
+        accepted = http.post("/v1/provision", json=request)
+        print(f"  {accepted.status_code} {accepted.json()}")
+        if accepted.status_code != 202:
+            return 1
+        deployment_id = accepted.json()["deploymentId"]
+        if receiver.wait_for("Ready", timeout) is None:
+            print("demo: no Ready callback in time")
+            return 1
+        status = http.get(f"/api/v1/deployments/{deployment_id}").json()
+        print(f"GET /api/v1/deployments/{deployment_id}")
+        for key in ("phase", "progress", "endpoint", "port", "connectionSecret", "cloudResourceId"):
+            print(f"  {key:<18} {status.get(key)}")
+        print(f"  {'secretRef':<18} {json.dumps(status['secretRef'])}")
+        print(f"  {'cost':<18} {json.dumps(status['cost'])}")
+        print(f"  {'tags':<18} {json.dumps(status['tags'])}")
+        state = http.get("/v1/resources", params={"namespace": "team-platform"}).json()
+        for resource in state["resources"]:
+            print(
+                f"GET /v1/resources  {resource['resourceName']}: health="
+                f"{resource['healthStatus']} driftDetected={resource['driftDetected']} "
+                f"details={resource['driftDetails']}"
+            )
+        print("POST /v1/deprovision")
+        gone = http.post(
+            "/v1/deprovision",
+            json={
+                "deploymentId": deployment_id,
+                "resourceType": "database",
+                "resourceName": "orders-db",
+                "namespace": "team-platform",
+            },
+        )
+        print(f"  {gone.status_code} {gone.json()}")
+        if receiver.wait_for("Deleted", timeout) is None:
+            print("demo: no Deleted callback in time")
+            return 1
+        final = http.get("/v1/status", params={"id": deployment_id}).json()
+        print(f"GET /v1/status  {final}")
+    print("demo: done")
+    return 0

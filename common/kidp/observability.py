@@ -1,0 +1,142 @@
+"""Metrics (Prometheus, named as in seeds 000 and 001), JSON logs, correlation ids.
+
+One ``Metrics`` object per service, on its own registry, so tests and
+several services in one process never share counters.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+correlation_id: contextvars.ContextVar[str] = contextvars.ContextVar("correlation_id", default="")
+
+#: Log record attributes that are not part of the message's structured fields.
+_STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+def new_correlation_id() -> str:
+    return uuid.uuid4().hex
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, correlationId, extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        cid = correlation_id.get()
+        if cid:
+            entry["correlationId"] = cid
+        for key, value in vars(record).items():
+            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info and record.exc_info[0] is not None:
+            entry["exception"] = record.exc_info[0].__name__
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """JSON logs on stderr for the whole process (idempotent)."""
+    root = logging.getLogger()
+    if not any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        root.addHandler(handler)
+    root.setLevel(level)
+    # Pinned whatever the root level: botocore logs request and response bodies
+    # at DEBUG (secret values included), and access logs repeat our request log.
+    for name in ("botocore", "boto3", "urllib3", "s3transfer", "werkzeug"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+class Metrics:
+    """The broker's metrics. Names follow seed 000 (``kidp_broker_*``) and seed 001
+    (``broker_*``)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "kidp_broker_requests_total", "HTTP requests", ["method", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "kidp_broker_request_duration_seconds",
+            "HTTP request duration",
+            ["method"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.cloud_api_calls = Counter(
+            "kidp_broker_cloud_api_calls_total",
+            "Cloud API calls",
+            ["provider", "resource_type", "operation"],
+            registry=r,
+        )
+        self.callback_attempts = Counter(
+            "kidp_broker_callback_attempts_total", "Callback attempts", ["status"], registry=r
+        )
+        self.active_deployments = Gauge(
+            "kidp_broker_active_deployments", "Deployments not Deleted or Failed", registry=r
+        )
+        self.provision_requests = Counter(
+            "broker_provision_requests_total",
+            "Provision requests by outcome",
+            ["resource_type", "status"],
+            registry=r,
+        )
+        self.provision_duration = Histogram(
+            "broker_provision_duration_seconds",
+            "Time from accepted to Ready",
+            ["resource_type"],
+            registry=r,
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600),
+        )
+        self.drift_detected = Counter(
+            "broker_drift_detected_total",
+            "Significant drift found by the drift scan",
+            ["namespace", "type"],
+            registry=r,
+        )
+        self.orphans = Gauge(
+            "broker_orphaned_resources", "Resources found by the last orphan scan", registry=r
+        )
+        self.cost_jumps = Counter(
+            "broker_cost_jumps_total",
+            "Week-over-week cost rises above the threshold",
+            ["group"],
+            registry=r,
+        )
+        self.rotations = Counter(
+            "broker_credential_rotations_total", "Credential rotations", ["status"], registry=r
+        )
+        self.dead_letters = Counter(
+            "broker_callback_dead_letters_total", "Callbacks moved to dead letters", registry=r
+        )
+        self.cloud_available = Gauge(
+            "broker_cloud_api_available",
+            "1 when the cloud API answered the last check",
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition."""
+        return generate_latest(self.registry)

@@ -1,0 +1,309 @@
+"""The timers' work: drift, orphans, cost and credential rotation.
+
+The embedded service runs these from its scheduler; the cloud timers
+(EventBridge, timer triggers, Cloud Scheduler, a CronJob) call the same
+functions through :func:`run_scan`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from datetime import timedelta
+from typing import Any, Literal
+
+from kidp import pricing
+from kidp.drift import compare
+from kidp.errors import NotFound, TemporaryError, ValidationFailed
+from kidp.models import Cost, CostSnapshot, Deployment, Phase, ResourceSpec
+from kidp.ports import Credentials
+from kidp.service import BrokerService, generate_password, secret_name
+from kidp.tags import DEPLOYMENT_ID, decode
+
+log = logging.getLogger("kidp.scans")
+
+ScanName = Literal["drift", "orphans", "cost", "rotation", "reconcile"]
+SCANS: tuple[ScanName, ...] = ("drift", "orphans", "cost", "rotation", "reconcile")
+GROUPS = ("team", "application", "namespace")
+
+
+class Scanner:
+    """Drift, orphan, cost and rotation scans over a :class:`BrokerService`."""
+
+    def __init__(self, service: BrokerService) -> None:
+        self.service = service
+
+    # ------------------------------------------------------------------ drift
+
+    def drift(self) -> dict[str, Any]:
+        """Compare every Ready deployment with the cloud; callback once per change."""
+        svc = self.service
+        checked = changed = 0
+        for deployment in svc.store.list(phases=[Phase.READY]):
+            try:
+                resource = svc.provider.get_status(deployment)
+            except TemporaryError as exc:
+                log.warning(
+                    "drift check skipped",
+                    extra={"deploymentId": deployment.id, "reason": exc.message},
+                )
+                continue
+            checked += 1
+            actual = None if resource.state == "missing" else resource.actual_spec
+            report = compare(deployment.spec.wire(), actual)
+            changes: dict[str, Any] = {
+                "last_checked_at": svc.clock.now(),
+                "drift_details": report.details,
+                "drift_detected": report.detected,
+                "drift_fingerprint": report.fingerprint,
+            }
+            if actual is not None:
+                changes["actual_spec"] = actual
+                changes["resource_usage"] = resource.resource_usage
+                changes["cost"] = self._cost(deployment, actual)
+            if report.fingerprint == deployment.drift_fingerprint:
+                svc._transition(deployment, changes, notify=False)
+                continue
+            if report.significant:
+                svc.metrics.drift_detected.labels(
+                    deployment.namespace, deployment.resource_type.value
+                ).inc()
+                log.warning(
+                    "drift detected",
+                    extra={"deploymentId": deployment.id, "details": report.details},
+                )
+                message = "Drift detected: " + "; ".join(report.details)
+            else:
+                message = "Drift resolved: resource matches the desired spec"
+            changes["message"] = message
+            svc.notify(
+                deployment,
+                changes,
+                {"drift_detected": report.significant, "drift_details": report.details},
+            )
+            changed += 1
+        return {"checked": checked, "changed": changed}
+
+    def _cost(self, deployment: Deployment, actual: dict[str, Any]) -> Cost:
+        """Cost of what actually runs; sizes the catalogue does not know fall back
+        to the desired size rather than guessing a price."""
+        merged = {**deployment.spec.wire(), **actual}
+        try:
+            ResourceSpec.model_validate({"size": merged.get("size")})
+        except ValueError:
+            merged["size"] = deployment.spec.size
+        return pricing.estimate(deployment.provider, deployment.resource_type, merged)
+
+    # ---------------------------------------------------------------- orphans
+
+    def orphans(self) -> dict[str, Any]:
+        """Tagged resources with no live deployment, and untagged look-alikes.
+        Reports only: nothing is deleted."""
+        svc = self.service
+        found: list[dict[str, Any]] = []
+        for resource in svc.provider.list_managed():
+            entry = {
+                "cloudResourceId": resource.cloud_resource_id,
+                "resourceType": resource.resource_type.value,
+                "name": resource.name,
+                "tags": resource.tags,
+            }
+            if not resource.tagged:
+                found.append(
+                    {
+                        **entry,
+                        "deploymentId": None,
+                        "reason": "untagged resource among managed ones",
+                    }
+                )
+                continue
+            logical = decode(
+                resource.tags, dialect=_dialect(svc.provider.name), prefix=svc.settings.tag_prefix
+            )
+            deployment_id = logical.get(DEPLOYMENT_ID)
+            deployment = svc.store.get(deployment_id) if deployment_id else None
+            if deployment is None:
+                reason = "no deployment with this id"
+            elif deployment.phase in (Phase.DELETED, Phase.FAILED):
+                reason = f"deployment is {deployment.phase.value}"
+            else:
+                continue
+            found.append({**entry, "deploymentId": deployment_id, "reason": reason})
+        svc.metrics.orphans.set(len(found))
+        if found:
+            log.warning("orphaned resources found", extra={"count": len(found)})
+        return {"orphans": found, "total": len(found)}
+
+    # ------------------------------------------------------------------- cost
+
+    def cost(self) -> dict[str, Any]:
+        """Snapshot today's cost per deployment; flag week-over-week rises."""
+        svc = self.service
+        today = svc.clock.now().date()
+        snapshots = 0
+        for deployment in svc.store.list(phases=[Phase.READY, Phase.PROVISIONING]):
+            if deployment.cost is None:
+                continue
+            svc.store.put_cost_snapshot(
+                CostSnapshot(
+                    deployment_id=deployment.id,
+                    day=today.isoformat(),
+                    namespace=deployment.namespace,
+                    team=deployment.team,
+                    application=deployment.application,
+                    resource_type=deployment.resource_type.value,
+                    amount=deployment.cost.estimated_monthly,
+                )
+            )
+            snapshots += 1
+        alerts = self.cost_alerts()
+        for alert in alerts:
+            svc.metrics.cost_jumps.labels(alert["groupBy"]).inc()
+            log.warning("cost jump", extra=alert)
+        return {"snapshots": snapshots, "alerts": alerts}
+
+    def cost_alerts(self) -> list[dict[str, Any]]:
+        """Groups whose cost rose more than the threshold against a week ago."""
+        svc = self.service
+        today = svc.clock.now().date()
+        now = svc.store.cost_snapshots(day=today.isoformat())
+        before = svc.store.cost_snapshots(day=(today - timedelta(days=7)).isoformat())
+        alerts: list[dict[str, Any]] = []
+        for group in GROUPS:
+            current, previous = _totals(now, group), _totals(before, group)
+            for key, amount in sorted(current.items()):
+                old = previous.get(key)
+                if old and (amount - old) / old > svc.settings.cost_jump_threshold:
+                    alerts.append(
+                        {
+                            "groupBy": group,
+                            "group": key,
+                            "previousMonthly": round(old, 2),
+                            "currentMonthly": round(amount, 2),
+                            "increasePercent": round((amount - old) / old * 100, 1),
+                        }
+                    )
+        return alerts
+
+    def costs(self, *, group_by: str, namespaces: set[str] | None) -> dict[str, Any]:
+        """``GET /v1/costs?groupBy=``: current estimated monthly cost by group."""
+        if group_by not in GROUPS:
+            raise ValidationFailed(f"groupBy must be one of: {', '.join(GROUPS)}")
+        svc = self.service
+        totals: dict[str, dict[str, Any]] = {}
+        for deployment in svc.store.list(phases=[Phase.READY, Phase.PROVISIONING]):
+            if namespaces is not None and deployment.namespace not in namespaces:
+                continue
+            if deployment.cost is None:
+                continue
+            key = getattr(deployment, group_by)
+            entry = totals.setdefault(
+                key,
+                {
+                    group_by: key,
+                    "estimatedMonthly": 0.0,
+                    "deployments": 0,
+                    "breakdown": defaultdict(float),
+                },
+            )
+            entry["estimatedMonthly"] += deployment.cost.estimated_monthly
+            entry["deployments"] += 1
+            for part, amount in deployment.cost.breakdown.items():
+                entry["breakdown"][part] += amount
+        groups = []
+        for entry in sorted(totals.values(), key=lambda e: -e["estimatedMonthly"]):
+            entry["estimatedMonthly"] = round(entry["estimatedMonthly"], 2)
+            entry["breakdown"] = {k: round(v, 2) for k, v in entry["breakdown"].items()}
+            groups.append(entry)
+        alerts = [
+            a
+            for a in self.cost_alerts()
+            if a["groupBy"] == group_by
+            and (namespaces is None or group_by != "namespace" or a["group"] in namespaces)
+        ]
+        return {
+            "groupBy": group_by,
+            "currency": "USD",
+            "groups": groups,
+            "total": round(sum(g["estimatedMonthly"] for g in groups), 2),
+            "alerts": alerts,
+        }
+
+    # --------------------------------------------------------------- rotation
+
+    def rotation(self) -> dict[str, Any]:
+        """Rotate credentials older than the configured age (default 90 days)."""
+        svc = self.service
+        cutoff = svc.clock.now() - timedelta(days=svc.settings.rotation_max_age_days)
+        rotated = failed = 0
+        for deployment in svc.store.list(phases=[Phase.READY]):
+            if deployment.secret_ref is None:
+                continue
+            last = deployment.credentials_rotated_at or deployment.created_at
+            if last > cutoff:
+                continue
+            if self.rotate(deployment):
+                rotated += 1
+            else:
+                failed += 1
+        return {"rotated": rotated, "failed": failed}
+
+    def rotate(self, deployment: Deployment) -> bool:
+        """New credentials in the secret store, then in the cloud; a callback
+        carries the new secret reference."""
+        svc = self.service
+        policy = svc.provider.password_policy(deployment)
+        if policy is None or deployment.secret_ref is None:
+            raise NotFound(f"deployment {deployment.id} has no credentials to rotate")
+        name = secret_name(deployment)
+        value = {
+            "username": policy.username,
+            "password": generate_password(policy.length, policy.alphabet),
+            "engine": deployment.spec.engine or deployment.resource_type.value,
+        }
+        try:
+            # Cloud first: if it refuses, the stored secret still matches the resource.
+            svc.provider.rotate_credentials(
+                deployment, Credentials(username=value["username"], password=value["password"])
+            )
+            ref = svc.secrets.put_version(name, value)
+        except (TemporaryError, NotFound) as exc:
+            svc.metrics.rotations.labels("failure").inc()
+            log.warning(
+                "rotation failed", extra={"deploymentId": deployment.id, "reason": str(exc)}
+            )
+            return False
+        svc.metrics.rotations.labels("success").inc()
+        svc.notify(
+            deployment,
+            {
+                "secret_ref": ref,
+                "credentials_rotated_at": svc.clock.now(),
+                "message": "Credentials rotated",
+            },
+            {"additionalMetadata": {"credentialsRotated": True}},
+        )
+        return True
+
+
+def run_scan(scanner: Scanner, name: str) -> dict[str, Any]:
+    """Run one scan by name (the timers' and the CLI's entry)."""
+    if name == "reconcile":
+        return scanner.service.reconcile()
+    if name not in SCANS:
+        raise ValidationFailed(f"unknown scan '{name}'; one of: {', '.join(SCANS)}")
+    result: dict[str, Any] = getattr(scanner, name)()
+    return result
+
+
+def _totals(snapshots: list[CostSnapshot], group: str) -> dict[str, float]:
+    totals: dict[str, float] = defaultdict(float)
+    for snapshot in snapshots:
+        totals[getattr(snapshot, group)] += snapshot.amount
+    return totals
+
+
+def _dialect(provider: str) -> Any:
+    return {"aws": "aws", "onprem": "kubernetes", "azure": "azure", "gcp": "gcp"}.get(
+        provider, "aws"
+    )

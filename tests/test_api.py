@@ -1,0 +1,346 @@
+"""The HTTP API as a caller sees it: status codes, the error shape, auth,
+limits, and the seed's response shapes."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from kidp.auth import mint_token
+
+SECRET = "s" * 40
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def api(make_broker: Any) -> Callable[..., tuple[Any, TestClient]]:
+    def factory(**overrides: Any) -> tuple[Any, TestClient]:
+        h = make_broker(jwt_secret=SECRET, **overrides)
+        return h, TestClient(h.broker.app)
+
+    return factory
+
+
+def token(
+    *,
+    scopes: str = "deploy read delete",
+    namespaces: list[str] | None = None,
+    subject: str = "ci-bot",
+    issued_ago: int = 0,
+    secret: str = SECRET,
+) -> dict[str, str]:
+    value = mint_token(
+        secret=secret,
+        subject=subject,
+        scopes=scopes.split(),
+        namespaces=namespaces or ["team-platform"],
+        ttl_seconds=600,
+        issuer="kidp",
+        audience="kidp-broker",
+        now=time.time() - issued_ago,
+    )
+    return {"Authorization": f"Bearer {value}"}
+
+
+def body(h: Any, **changes: Any) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "resourceType": "database",
+        "resourceName": "postgres-app-db",
+        "namespace": "team-platform",
+        "team": "platform-team",
+        "owner": "user@example.com",
+        "callbackUrl": h.receiver.url,
+        "spec": {
+            "engine": "postgresql",
+            "version": "15",
+            "size": "medium",
+            "highAvailability": False,
+            "backup": {"enabled": True, "retention": "7d"},
+            "encryption": {"atRest": True, "inTransit": True},
+        },
+    }
+    payload.update(changes)
+    return payload
+
+
+def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    payload: dict[str, Any] = response.json()
+    assert payload.keys() == {"error", "message", "code"}
+    assert payload["error"] == code and payload["code"] == status
+    return payload
+
+
+def test_provision_answers_202_in_the_seed_shape(api: Any) -> None:
+    h, client = api()
+    response = client.post("/v1/provision", json=body(h), headers=token())
+    assert response.status_code == 202
+    payload = response.json()
+    assert payload.keys() == {"status", "deploymentId", "message"}
+    assert payload["status"] == "accepted"
+    assert payload["message"] == "Provisioning request accepted for database/postgres-app-db"
+    again = client.post("/api/v1/deploy", json=body(h), headers=token())
+    assert again.status_code == 200
+    assert again.json()["deploymentId"] == payload["deploymentId"]
+
+
+def test_whole_lifecycle_through_the_routes(api: Any) -> None:
+    h, client = api()
+    deployment_id = client.post("/v1/provision", json=body(h), headers=token()).json()[
+        "deploymentId"
+    ]
+    h.drain()
+    status = client.get("/v1/status", params={"id": deployment_id}, headers=token())
+    assert status.json().keys() == {"deploymentId", "phase", "message", "lastUpdated"}
+    assert status.json()["phase"] == "Ready"
+    detailed = client.get(f"/api/v1/deployments/{deployment_id}", headers=token())
+    assert detailed.headers["cache-control"] == "max-age=30"
+    assert detailed.json()["progress"] == 100
+    assert detailed.json()["estimatedCompletion"] is None
+
+    state = client.get(
+        "/v1/resources", params={"namespace": "team-platform"}, headers=token()
+    ).json()
+    assert state["total"] == 1 and state["namespace"] == "team-platform"
+    assert set(state["resources"][0]) == {
+        "deploymentId",
+        "resourceType",
+        "resourceName",
+        "namespace",
+        "phase",
+        "healthStatus",
+        "message",
+        "lastChecked",
+        "endpoint",
+        "port",
+        "connectionSecret",
+        "actualSpec",
+        "desiredSpec",
+        "driftDetected",
+        "driftDetails",
+        "resourceUsage",
+        "estimatedMonthlyCost",
+    }
+    posted = client.post(
+        "/v1/resources",
+        json={"namespace": "team-platform", "resourceName": "postgres-app-db"},
+        headers=token(),
+    )
+    assert posted.json()["resources"][0]["deploymentId"] == deployment_id
+
+    deleted = client.delete(
+        "/api/v1/resources/database/postgres-app-db",
+        params={"namespace": "team-platform"},
+        headers=token(),
+    )
+    assert deleted.status_code == 202
+    h.drain()
+    assert (
+        client.get("/v1/status", params={"id": deployment_id}, headers=token()).json()["phase"]
+        == "Deleted"
+    )
+
+
+def test_authentication_and_authorization(api: Any) -> None:
+    h, client = api()
+    missing = client.post("/v1/provision", json=body(h))
+    assert_error(missing, 401, "unauthorized")
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert_error(
+        client.post("/v1/provision", json=body(h), headers=token(secret="x" * 40)),
+        401,
+        "unauthorized",
+    )
+    assert_error(
+        client.post("/v1/provision", json=body(h), headers=token(issued_ago=3600)),
+        401,
+        "unauthorized",
+    )
+    assert_error(
+        client.post("/v1/provision", json=body(h), headers=token(scopes="read")), 403, "forbidden"
+    )
+    assert_error(
+        client.post("/v1/provision", json=body(h), headers=token(namespaces=["team-other"])),
+        403,
+        "forbidden",
+    )
+    deployment_id = client.post("/v1/provision", json=body(h), headers=token()).json()[
+        "deploymentId"
+    ]
+    # Reading another namespace's deployment looks exactly like a missing one.
+    hidden = client.get(
+        f"/api/v1/deployments/{deployment_id}", headers=token(namespaces=["team-other"])
+    )
+    absent = client.get(
+        f"/api/v1/deployments/deploy-{'0' * 32}", headers=token(namespaces=["team-other"])
+    )
+    assert_error(hidden, 404, "resource_not_found")
+    assert hidden.json()["message"].replace(deployment_id, "X") == (
+        absent.json()["message"].replace(f"deploy-{'0' * 32}", "X")
+    )
+
+
+def test_validation_errors_name_the_field(api: Any) -> None:
+    h, client = api()
+    no_name = body(h)
+    del no_name["resourceName"]
+    error = assert_error(
+        client.post("/v1/provision", json=no_name, headers=token()), 400, "validation_failed"
+    )
+    assert error["message"] == "resourceName is required"
+    error = assert_error(
+        client.post("/v1/provision", json=body(h, phase="Ready"), headers=token()),
+        400,
+        "validation_failed",
+    )
+    assert "phase is not a field a caller may set" in error["message"]
+    error = assert_error(
+        client.post("/v1/provision", json=body(h, resourceName="Bad_Name"), headers=token()),
+        400,
+        "validation_failed",
+    )
+    assert "resourceName" in error["message"]
+    error = assert_error(
+        client.post(
+            "/v1/provision",
+            json=body(h, spec={"engine": "postgresql", "size": "huge"}),
+            headers=token(),
+        ),
+        400,
+        "validation_failed",
+    )
+    assert "spec.size" in error["message"]
+
+
+def test_malformed_bodies(api: Any) -> None:
+    h, client = api()
+    headers = {**token(), "Content-Type": "application/json"}
+    assert_error(
+        client.post("/v1/provision", content=b"{not json", headers=headers), 400, "invalid_request"
+    )
+    assert_error(
+        client.post("/v1/provision", content=b"[1, 2]", headers=headers), 400, "invalid_request"
+    )
+    text = {**token(), "Content-Type": "text/plain"}
+    assert_error(
+        client.post("/v1/provision", content=json.dumps(body(h)), headers=text),
+        400,
+        "invalid_request",
+    )
+    huge = json.dumps(body(h, owner="a" * (1024 * 1024) + "@x.io"))
+    assert_error(
+        client.post("/v1/provision", content=huge, headers=headers), 413, "payload_too_large"
+    )
+
+
+def test_rate_limit_per_caller_with_retry_after(api: Any) -> None:
+    _, client = api(rate_limit_per_minute=5)
+    for _ in range(5):
+        assert client.get("/v1/catalog", headers=token()).status_code == 200
+    limited = client.get("/v1/status", params={"id": f"deploy-{'0' * 32}"}, headers=token())
+    assert_error(limited, 429, "rate_limited")
+    assert int(limited.headers["retry-after"]) >= 1
+    # Another subject has its own budget.
+    other = client.get(
+        "/v1/status", params={"id": f"deploy-{'0' * 32}"}, headers=token(subject="someone-else")
+    )
+    assert other.status_code == 404
+    # Without a valid token, the source address is the key.
+    for _ in range(5):
+        client.get("/v1/status", params={"id": "x"})
+    assert_error(client.get("/v1/status", params={"id": "x"}), 429, "rate_limited")
+
+
+def test_health_readiness_root_and_metrics(api: Any) -> None:
+    h, client = api()
+    client.post("/v1/provision", json=body(h), headers=token())
+    health = client.get("/health")
+    assert health.status_code == 200
+    payload = health.json()
+    for key in (
+        "status",
+        "version",
+        "time",
+        "uptime",
+        "uptimeSeconds",
+        "activeDeployments",
+        "totalDeployments",
+        "failedDeployments",
+        "checks",
+    ):
+        assert key in payload
+    assert payload["status"] == "healthy"
+    assert payload["activeDeployments"] == 1
+    assert set(payload["checks"]) == {"store", "queue", "cloudApi"}
+    assert client.get("/readiness").json() == {"ready": True, "reason": "ok", "version": "0.1.0"}
+    assert client.get("/ready").status_code == 200
+    links = client.get("/").json()["links"]
+    assert links["provision"]["href"] == "/v1/provision"
+    metrics = client.get("/metrics").text
+    assert 'kidp_broker_requests_total{method="POST",status="202"} 1.0' in metrics
+    assert "kidp_broker_cloud_api_calls_total" in metrics
+    assert "kidp_broker_active_deployments 1.0" in metrics
+
+
+def test_correlation_id_is_kept_or_added(api: Any) -> None:
+    _, client = api()
+    assert (
+        client.get("/health", headers={"X-Correlation-ID": "abc-123"}).headers["x-correlation-id"]
+        == "abc-123"
+    )
+    assert len(client.get("/health").headers["x-correlation-id"]) == 32
+
+
+def test_catalog_names_what_can_be_provisioned(api: Any) -> None:
+    _, client = api()
+    catalog = client.get("/v1/catalog", headers=token()).json()
+    types = {t["resourceType"]: t for t in catalog["resourceTypes"]}
+    assert {"database", "cache", "bucket", "service"} <= set(types)
+    engines = {e["engine"]: e["versions"] for e in types["database"]["engines"]}
+    assert engines["postgresql"] == ["12", "13", "14", "15", "16"]
+    sizes = {s["size"]: s for s in catalog["sizes"]}
+    assert sizes["medium"]["cpu"] == 2 and sizes["medium"]["memory"] == "4Gi"
+
+
+def test_dry_run_through_the_api(api: Any) -> None:
+    h, client = api()
+    response = client.post(
+        "/v1/provision", params={"dryRun": "true"}, json=body(h), headers=token()
+    )
+    assert response.status_code == 200
+    assert response.json()["dryRun"] is True
+    assert h.store.list() == []
+
+
+def test_costs_grouping(api: Any) -> None:
+    h, client = api()
+    client.post("/v1/provision", json=body(h), headers=token())
+    h.drain()
+    costs = client.get("/v1/costs", params={"groupBy": "application"}, headers=token()).json()
+    assert costs["groups"][0]["application"] == "postgres-app-db"
+    assert_error(
+        client.get("/v1/costs", params={"groupBy": "colour"}, headers=token()),
+        400,
+        "validation_failed",
+    )
+
+
+def test_unknown_route_and_method_use_the_error_shape(api: Any) -> None:
+    _, client = api()
+    assert_error(client.get("/v2/nothing"), 404, "resource_not_found")
+    assert_error(client.put("/v1/provision", json={}, headers=token()), 405, "method_not_allowed")
+
+
+def test_committed_openapi_matches_the_code(api: Any) -> None:
+    _, client = api()
+    served = client.get("/openapi.json").json()
+    committed = json.loads((ROOT / "docs" / "openapi.json").read_text())
+    assert served == committed, "regenerate: kidp-broker openapi > docs/openapi.json"
+    assert "/v1/provision" in served["paths"]
+    assert "ProvisionRequest" in served["components"]["schemas"]

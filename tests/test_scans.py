@@ -1,0 +1,168 @@
+"""Drift, orphan, cost and rotation scans against moto through boto3."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import boto3
+
+from kidp.models import CostSnapshot, Phase
+
+
+def rds() -> Any:
+    return boto3.client("rds", region_name="us-east-1")
+
+
+def ready(h: Any, **changes: Any) -> str:
+    deployment_id: str = h.submit(**changes).deployment_id
+    h.drain()
+    assert h.store.get(deployment_id).phase is Phase.READY
+    return deployment_id
+
+
+def drift_callbacks(h: Any) -> list[dict[str, Any]]:
+    return [p for _, p in h.receiver.log if p.get("driftDetected") is not None]
+
+
+def test_resized_instance_is_drift_reported_once(make_broker: Any) -> None:
+    h = make_broker()
+    deployment_id = ready(h)
+    identifier = rds().describe_db_instances()["DBInstances"][0]["DBInstanceIdentifier"]
+    rds().modify_db_instance(
+        DBInstanceIdentifier=identifier, DBInstanceClass="db.r5.4xlarge", ApplyImmediately=True
+    )
+
+    assert h.broker.scanner.drift()["changed"] == 1
+    h.drain()
+    (callback,) = drift_callbacks(h)
+    assert callback["deploymentId"] == deployment_id
+    assert callback["driftDetected"] is True
+    assert any(d.startswith("Size mismatch: desired=medium") for d in callback["driftDetails"])
+
+    # The same drift again is not news.
+    assert h.broker.scanner.drift()["changed"] == 0
+    h.drain()
+    assert len(drift_callbacks(h)) == 1
+    assert b'broker_drift_detected_total{namespace="team-platform",type="database"} 1.0' in (
+        h.service.metrics.render()
+    )
+
+    view = h.service.resources(h.admin, namespace="team-platform")["resources"][0]
+    assert view["driftDetected"] is True
+    assert view["desiredSpec"]["size"] == "medium"
+
+
+def test_no_drift_on_a_fresh_resource(make_broker: Any) -> None:
+    h = make_broker()
+    ready(h)
+    assert h.broker.scanner.drift() == {"checked": 1, "changed": 0}
+    view = h.service.resources(h.admin, namespace="team-platform")["resources"][0]
+    assert view["healthStatus"] == "Healthy"
+    assert view["actualSpec"]["engine"] == "postgresql"
+
+
+def test_resource_deleted_behind_our_back_is_drift(make_broker: Any) -> None:
+    h = make_broker()
+    ready(h)
+    identifier = rds().describe_db_instances()["DBInstances"][0]["DBInstanceIdentifier"]
+    rds().delete_db_instance(DBInstanceIdentifier=identifier, SkipFinalSnapshot=True)
+    h.broker.scanner.drift()
+    h.drain()
+    (callback,) = drift_callbacks(h)
+    assert callback["driftDetails"] == ["Resource missing: not found in the cloud"]
+
+
+def test_orphans_are_listed_not_deleted(make_broker: Any) -> None:
+    h = make_broker()
+    ready(h)
+    rds().create_db_instance(
+        DBInstanceIdentifier="kidp-team-x-lost",
+        DBInstanceClass="db.t3.micro",
+        Engine="postgres",
+        MasterUsername="u",
+        MasterUserPassword="p" * 12,
+        AllocatedStorage=20,
+        Tags=[
+            {"Key": "platform.company.com/managed-by", "Value": "kidp"},
+            {"Key": "platform.company.com/deployment-id", "Value": "deploy-" + "0" * 32},
+        ],
+    )
+    rds().create_db_instance(
+        DBInstanceIdentifier="kidp-team-x-untagged",
+        DBInstanceClass="db.t3.micro",
+        Engine="postgres",
+        MasterUsername="u",
+        MasterUserPassword="p" * 12,
+        AllocatedStorage=20,
+    )
+
+    result = h.broker.scanner.orphans()
+    reasons = {o["name"]: o["reason"] for o in result["orphans"]}
+    assert reasons == {
+        "kidp-team-x-lost": "no deployment with this id",
+        "kidp-team-x-untagged": "untagged resource among managed ones",
+    }
+    assert len(rds().describe_db_instances()["DBInstances"]) == 3
+
+
+def test_cost_snapshots_group_and_flag_a_weekly_jump(make_broker: Any) -> None:
+    h = make_broker()
+    first = ready(h)
+    ready(
+        h,
+        resourceName="other-db",
+        team="data-team",
+        spec={"engine": "mysql", "version": "8.0", "size": "small"},
+    )
+    result = h.broker.scanner.cost()
+    assert result["snapshots"] == 2 and result["alerts"] == []
+
+    by_team = h.broker.scanner.costs(group_by="team", namespaces=None)
+    teams = {g["team"]: g for g in by_team["groups"]}
+    assert set(teams) == {"platform-team", "data-team"}
+    assert teams["platform-team"]["estimatedMonthly"] > teams["data-team"]["estimatedMonthly"]
+    assert by_team["total"] == round(sum(g["estimatedMonthly"] for g in teams.values()), 2)
+
+    week_ago = (h.service.clock.now().date() - timedelta(days=7)).isoformat()
+    today_cost = h.store.get(first).cost.estimated_monthly
+    h.store.put_cost_snapshot(
+        CostSnapshot(
+            deployment_id=first,
+            day=week_ago,
+            namespace="team-platform",
+            team="platform-team",
+            application="postgres-app-db",
+            resource_type="database",
+            amount=today_cost / 2,
+        )
+    )
+    alerts = h.broker.scanner.cost()["alerts"]
+    team_alert = next(a for a in alerts if a["groupBy"] == "team")
+    assert team_alert["group"] == "platform-team"
+    assert team_alert["increasePercent"] == 100.0
+    assert b"broker_cost_jumps_total" in h.service.metrics.render()
+
+
+def test_old_credentials_are_rotated_with_a_callback(make_broker: Any) -> None:
+    h = make_broker()
+    deployment_id = ready(h)
+    deployment = h.store.get(deployment_id)
+    sm = boto3.client("secretsmanager", region_name="us-east-1")
+    before = json.loads(sm.get_secret_value(SecretId=deployment.secret_ref.id)["SecretString"])
+    h.store.save(
+        deployment.evolve(credentials_rotated_at=deployment.created_at - timedelta(days=91)),
+        expected_version=deployment.version,
+    )
+
+    assert h.broker.scanner.rotation() == {"rotated": 1, "failed": 0}
+    h.drain()
+    after = json.loads(sm.get_secret_value(SecretId=deployment.secret_ref.id)["SecretString"])
+    assert after["password"] != before["password"]
+    callback = h.receiver.log[-1][1]
+    assert callback["message"] == "Credentials rotated"
+    assert callback["additionalMetadata"]["secretRef"]["version"] != (deployment.secret_ref.version)
+    assert after["password"] not in json.dumps(callback)
+    # Nothing is due again right after.
+    assert h.broker.scanner.rotation() == {"rotated": 0, "failed": 0}

@@ -1,0 +1,352 @@
+"""The use cases end to end in one process: SQLite store and queue, the AWS
+provider through boto3 against moto, callbacks to a real local receiver."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from datetime import timedelta
+from typing import Any
+
+import boto3
+import pytest
+
+from kidp.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from kidp.models import DeprovisionRequest, Job, JobKind, Phase
+from kidp.observability import configure_logging
+
+
+def rds() -> Any:
+    return boto3.client("rds", region_name="us-east-1")
+
+
+def instances() -> list[dict[str, Any]]:
+    return rds().describe_db_instances()["DBInstances"]
+
+
+def test_provision_reaches_ready_with_one_signed_callback_per_phase(make_broker: Any) -> None:
+    h = make_broker()
+    accepted = h.submit()
+    assert accepted.status == "accepted"
+    assert accepted.deployment_id.startswith("deploy-") and len(accepted.deployment_id) == 39
+    assert h.store.get(accepted.deployment_id).phase is Phase.PENDING
+
+    h.drain()
+
+    deployment = h.store.get(accepted.deployment_id)
+    assert deployment.phase is Phase.READY
+    assert h.phases() == ["Provisioning", "Ready"]
+    ready = h.receiver.log[-1][1]
+    assert ready["deploymentId"] == accepted.deployment_id
+    assert ready["endpoint"] and ready["port"] == 5432
+    assert ready["connectionSecret"] == "postgres-app-db-credentials"
+    assert ready["estimatedMonthlyCost"] > 0
+    meta = ready["additionalMetadata"]
+    assert meta["engine"] == "postgresql"
+    assert meta["secretRef"]["store"] == "aws-secretsmanager"
+    assert meta["cost"]["breakdown"].keys() == {"compute", "storage", "network"}
+    assert meta["tags"]["deployment-id"] == accepted.deployment_id
+
+    (instance,) = instances()
+    tags = {t["Key"]: t["Value"] for t in instance["TagList"]}
+    assert tags["platform.company.com/managed-by"] == "kidp"
+    assert tags["platform.company.com/deployment-id"] == accepted.deployment_id
+    assert tags["platform.company.com/team"] == "platform-team"
+    assert tags["platform.company.com/application"] == "postgres-app-db"
+    assert "platform.company.com/resource-uid" in tags
+
+
+def test_credentials_live_in_secrets_manager_and_nowhere_else(
+    make_broker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    configure_logging("DEBUG")  # what `serve` does, at its most verbose
+    caplog.set_level(logging.DEBUG)
+    h = make_broker()
+    deployment_id = h.submit().deployment_id
+    h.drain()
+    deployment = h.store.get(deployment_id)
+    secret = boto3.client("secretsmanager", region_name="us-east-1").get_secret_value(
+        SecretId=deployment.secret_ref.id
+    )
+    password = json.loads(secret["SecretString"])["password"]
+    assert len(password) >= 16
+
+    seen = json.dumps([p for _, p in h.receiver.log]) + caplog.text
+    seen += json.dumps(h.service.detailed_status(deployment))
+    seen += deployment.model_dump_json()
+    assert password not in seen
+
+
+def test_same_request_again_returns_the_same_deployment(make_broker: Any) -> None:
+    h = make_broker()
+    first = h.submit()
+    again = h.submit()
+    assert again.status == "exists"
+    assert again.deployment_id == first.deployment_id
+    h.drain()
+    assert h.submit().deployment_id == first.deployment_id
+    assert len(instances()) == 1
+
+
+def test_same_resource_with_another_spec_is_a_conflict(make_broker: Any) -> None:
+    h = make_broker()
+    first = h.submit()
+    with pytest.raises(Conflict, match=first.deployment_id):
+        h.submit(spec={"engine": "postgresql", "version": "16", "size": "medium"})
+
+
+def test_request_id_makes_a_retry_idempotent(make_broker: Any) -> None:
+    h = make_broker()
+    request = h.request()
+    first = h.service.submit_provision(h.admin, request, request_id="req-1")
+    again = h.service.submit_provision(h.admin, request, request_id="req-1")
+    assert again.deployment_id == first.deployment_id
+    with pytest.raises(Conflict, match="X-Request-ID"):
+        h.service.submit_provision(h.admin, h.request(resourceName="other-db"), request_id="req-1")
+
+
+def test_concurrent_duplicates_make_one_deployment_and_one_resource(make_broker: Any) -> None:
+    h = make_broker()
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def submit() -> None:
+        try:
+            results.append(h.submit().deployment_id)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=submit) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(set(results)) == 1
+    h.drain()
+    assert len(instances()) == 1
+    assert h.phases().count("Ready") == 1
+
+
+def test_a_job_delivered_three_times_makes_one_resource_and_one_ready(make_broker: Any) -> None:
+    h = make_broker()
+    deployment_id = h.submit().deployment_id
+    provision = h.store.get(deployment_id).job_token
+    job = Job(kind=JobKind.PROVISION, deployment_id=deployment_id, id=provision)
+    for _ in range(3):
+        h.service.handle(job)
+    h.drain()
+    for _ in range(3):
+        h.service.handle(job)
+    h.drain()
+    assert len(instances()) == 1
+    assert h.phases().count("Ready") == 1
+    assert h.phases().count("Provisioning") == 1
+
+
+def test_namespace_cap_keeps_extra_provisions_pending_not_failed(make_broker: Any) -> None:
+    # ECS services never start in moto, so they stay Provisioning and hold the cap.
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    vpc = ec2.create_vpc(CidrBlock="10.20.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.20.1.0/24")["Subnet"]["SubnetId"]
+    group = ec2.create_security_group(GroupName="kidp", Description="kidp", VpcId=vpc)["GroupId"]
+    h = make_broker(
+        namespace_concurrency=2,
+        poll_interval_seconds=30,
+        aws_subnet_ids=[subnet],
+        aws_security_group_ids=[group],
+    )
+    ids = [
+        h.submit(
+            resourceType="service",
+            resourceName=f"svc-{n}",
+            spec={"image": "nginx:1.27", "port": 80},
+        ).deployment_id
+        for n in range(4)
+    ]
+    for _ in range(12):  # work what is due without waiting for the polls
+        h.worker.run_once()
+    phases = sorted(h.store.get(i).phase.value for i in ids)
+    assert phases == ["Pending", "Pending", "Provisioning", "Provisioning"]
+    assert h.phases() == ["Provisioning", "Provisioning"]
+
+
+def test_unsupported_engine_names_what_the_provider_can_do(make_broker: Any) -> None:
+    h = make_broker()
+    with pytest.raises(ValidationFailed, match="supported: mysql, postgresql"):
+        h.submit(spec={"engine": "mongodb", "version": "7.0"})
+    with pytest.raises(ValidationFailed, match="supported: 12, 13, 14, 15, 16"):
+        h.submit(spec={"engine": "postgresql", "version": "9.6"})
+
+
+def test_target_of_another_cloud_is_refused(make_broker: Any) -> None:
+    h = make_broker()
+    with pytest.raises(ValidationFailed, match="does not match this broker"):
+        h.submit(target={"cloud": "azure", "region": "westus2"})
+
+
+def test_callback_url_to_a_private_address_is_refused(make_broker: Any) -> None:
+    h = make_broker(callback_allowlist=[])
+    with pytest.raises(ValidationFailed, match="callbackUrl"):
+        h.submit(callbackUrl="http://169.254.169.254/latest/meta-data")
+
+
+def test_namespaces_the_token_does_not_allow(make_broker: Any) -> None:
+    h = make_broker()
+    deployment_id = h.submit().deployment_id
+    outsider = h.caller(namespaces=["team-other"])
+    with pytest.raises(Forbidden):
+        h.submit(caller=outsider)
+    with pytest.raises(NotFound):
+        h.service.get_visible(outsider, deployment_id)
+    reader = h.caller(scopes=("read",))
+    with pytest.raises(Forbidden, match="deploy"):
+        h.submit(caller=reader)
+
+
+def test_dry_run_plans_and_changes_nothing(make_broker: Any) -> None:
+    h = make_broker()
+    plan = h.service.submit_provision(h.admin, h.request(), dry_run=True)
+    body = plan.body
+    assert body["dryRun"] is True and body["action"] == "create"
+    assert body["cloud"]["calls"][0]["service"] == "rds"
+    assert body["cloud"]["calls"][0]["operation"] == "create_db_instance"
+    assert body["tags"]["managed-by"] == "kidp"
+    assert body["secret"]["name"] == "kidp/team-platform/postgres-app-db-credentials"
+    assert body["quota"]["ok"] is True
+    assert body["cost"]["estimated_monthly"] > 0
+    call = body["cloud"]["calls"][0]
+    assert "MasterUserPassword" not in call["parameters"]  # named, never valued
+    assert "MasterUserPassword" in json.dumps(call.get("secretParameters"))
+    assert h.store.list() == []
+    h.drain()
+    assert instances() == []
+
+
+def test_deprovision_deletes_resource_and_secret_and_stays_readable(make_broker: Any) -> None:
+    h = make_broker()
+    deployment_id = h.submit().deployment_id
+    h.drain()
+    ref = h.store.get(deployment_id).secret_ref
+    accepted = h.service.submit_deprovision(
+        h.admin, DeprovisionRequest(deployment_id=deployment_id, namespace="team-platform")
+    )
+    assert accepted.message == f"Deprovisioning request accepted for deployment {deployment_id}"
+    h.drain()
+    assert h.phases()[-2:] == ["Deleting", "Deleted"]
+    assert instances() == []
+    sm = boto3.client("secretsmanager", region_name="us-east-1")
+    with pytest.raises(sm.exceptions.ResourceNotFoundException):
+        sm.get_secret_value(SecretId=ref.id)
+    status = h.service.status(h.service.get_visible(h.admin, deployment_id))
+    assert status["phase"] == "Deleted"
+    # Deleting again is accepted and changes nothing.
+    h.service.submit_deprovision(
+        h.admin, DeprovisionRequest(deployment_id=deployment_id, namespace="team-platform")
+    )
+    h.drain()
+    assert h.phases().count("Deleted") == 1
+
+
+def test_retain_leaves_the_cloud_resource(make_broker: Any) -> None:
+    h = make_broker()
+    deployment_id = h.submit(deletionPolicy="Retain").deployment_id
+    h.drain()
+    h.service.submit_deprovision(
+        h.admin,
+        DeprovisionRequest(
+            namespace="team-platform", resource_type="database", resource_name="postgres-app-db"
+        ),
+    )
+    h.drain()
+    assert h.store.get(deployment_id).phase is Phase.DELETED
+    assert len(instances()) == 1
+    # The name is free again for a new deployment.
+    assert h.submit().deployment_id != deployment_id
+
+
+def test_snapshot_policy_keeps_a_final_snapshot(make_broker: Any) -> None:
+    h = make_broker()
+    h.submit(deletionPolicy="Snapshot")
+    h.drain()
+    h.service.submit_deprovision(
+        h.admin,
+        DeprovisionRequest(
+            namespace="team-platform", resource_type="database", resource_name="postgres-app-db"
+        ),
+    )
+    h.drain()
+    assert instances() == []
+    (final,) = rds().describe_db_snapshots(SnapshotType="manual")["DBSnapshots"]
+    assert final["DBSnapshotIdentifier"].startswith("deploy-")
+
+
+def test_dead_receiver_retries_then_dead_letters_then_replays(make_broker: Any) -> None:
+    h = make_broker()
+    h.receiver.fail_with = 503
+    deployment_id = h.submit().deployment_id
+    h.drain()
+    assert h.store.get(deployment_id).phase is Phase.READY
+    letters = h.service.dead_letters()
+    assert {letter.payload["phase"] for letter in letters} == {"Provisioning", "Ready"}
+    assert all(letter.attempts == 6 for letter in letters)  # 1 + retries after 1,2,4,8,16 s
+    assert all(letter.deployment_id == deployment_id for letter in letters)
+
+    h.receiver.fail_with = None
+    for letter in letters:
+        assert h.service.replay_dead_letter(letter.id).resolved_at is not None
+    assert sorted(h.phases()) == ["Provisioning", "Ready"]
+    assert h.service.dead_letters() == []
+
+
+def test_every_attempt_of_one_event_carries_the_same_webhook_id(make_broker: Any) -> None:
+    h = make_broker()
+    h.receiver.fail_with = 500
+    h.submit()
+    h.drain()
+    letter = h.service.dead_letters()[0]
+    h.receiver.fail_with = None
+    h.service.replay_dead_letter(letter.id)
+    assert h.receiver.log[-1][0] == letter.event_id
+
+
+def test_dead_letters_are_retried_slowly_then_given_up(make_broker: Any) -> None:
+    h = make_broker(dead_letter_retry_seconds=0, dead_letter_max_age_seconds=0)
+    h.receiver.fail_with = 500
+    h.submit()
+    h.drain()
+    h.service.reconcile()
+    letters = h.service.dead_letters(include_resolved=True)
+    assert letters and all(letter.given_up_at is not None for letter in letters)
+
+
+def test_a_poison_job_fails_the_deployment_with_a_callback(make_broker: Any) -> None:
+    h = make_broker()
+    deployment_id = h.submit().deployment_id
+    job = Job(
+        kind=JobKind.PROVISION, deployment_id=deployment_id, id=h.store.get(deployment_id).job_token
+    )
+    h.service.give_up(job, "KeyError")
+    h.drain()
+    deployment = h.store.get(deployment_id)
+    assert deployment.phase is Phase.FAILED
+    assert "job failed repeatedly" in deployment.error
+    assert h.phases()[-1] == "Failed"
+
+
+def test_reconcile_recreates_a_lost_provision_job(make_broker: Any) -> None:
+    h = make_broker(job_lease_seconds=0, poll_interval_seconds=0)
+    deployment_id = h.submit().deployment_id
+    # Lose the job: as if the process died between storing Pending and enqueueing.
+    h.service.queue.receive(max_jobs=10, lease_seconds=3600)
+    assert h.drain() == 0
+    deployment = h.store.get(deployment_id)
+    h.store.save(
+        deployment.evolve(updated_at=deployment.updated_at - timedelta(minutes=5)),
+        expected_version=deployment.version,
+    )
+    assert h.service.reconcile()["jobs"] == 1
+    h.drain()
+    assert h.store.get(deployment_id).phase is Phase.READY
+    assert len(instances()) == 1
