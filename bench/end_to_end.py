@@ -1,0 +1,83 @@
+"""End to end: N deployments from request to Ready callback against the emulator.
+
+    .venv/bin/python bench/end_to_end.py [--deployments 100] [--namespaces 10]
+
+The broker (`kidp-broker serve --emulate`, 4 worker threads, SQLite store and
+queue) runs in a child process; a signature-checking callback receiver runs
+here. Deployments are spread over namespaces because each namespace runs at
+most 10 provisions at once (KIDP_NAMESPACE_CONCURRENCY).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import httpx
+from common import bearer, broker_process
+
+from kidp.callbacks import generate_secret
+from kidp.demo import CallbackReceiver
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--deployments", type=int, default=100)
+    parser.add_argument("--namespaces", type=int, default=10)
+    parser.add_argument("--timeout", type=float, default=600)
+    args = parser.parse_args()
+    secret = generate_secret()
+    receiver = CallbackReceiver(secret)
+    env = {
+        "KIDP_CALLBACK_SECRET": secret,
+        "KIDP_CALLBACK_ALLOWLIST": "127.0.0.1",
+        "KIDP_POLL_INTERVAL_SECONDS": "1",
+        "KIDP_RATE_LIMIT_PER_MINUTE": "100000",
+    }
+    with (
+        broker_process(**env) as base,
+        httpx.Client(base_url=base, headers=bearer(["*"]), timeout=60) as client,
+    ):
+        started = time.perf_counter()
+        for n in range(args.deployments):
+            response = client.post(
+                "/v1/provision",
+                json={
+                    "resourceType": "database",
+                    "resourceName": f"e2e-{n}",
+                    "namespace": f"team-{n % args.namespaces}",
+                    "team": "bench",
+                    "owner": "bench@example.com",
+                    "callbackUrl": receiver.url,
+                    "spec": {"engine": "postgresql", "version": "15", "size": "small"},
+                },
+            )
+            response.raise_for_status()
+        accepted = time.perf_counter() - started
+        ready: set[str] = set()
+        deadline = time.monotonic() + args.timeout
+        while len(ready) < args.deployments and time.monotonic() < deadline:
+            payload = receiver.received.get(timeout=args.timeout)
+            if payload["phase"] == "Ready":
+                ready.add(payload["deploymentId"])
+            elif payload["phase"] == "Failed":
+                raise SystemExit(f"deployment failed: {payload['message']}")
+        total = time.perf_counter() - started
+    receiver.close()
+    print(
+        f"end to end, {args.deployments} PostgreSQL deployments over {args.namespaces} "
+        "namespaces, AWS emulated, poll interval 1 s"
+    )
+    print(f"  all accepted in {accepted:.2f} s")
+    print(
+        f"  {len(ready)} Ready callbacks in {total:.2f} s = {len(ready) / total:.2f} deployments/s"
+    )
+    ready_calls = [p for _, p in receiver.log if p["phase"] == "Ready"]
+    print(
+        f"  Ready callbacks received: {len(ready_calls)} "
+        f"(duplicates: {len(ready_calls) - len(set(p['deploymentId'] for p in ready_calls))})"
+    )
+
+
+if __name__ == "__main__":
+    main()
