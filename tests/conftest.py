@@ -145,7 +145,8 @@ def receiver() -> Iterator[Any]:
 def make_broker(
     tmp_path: Any, aws_credentials: None, receiver: Any
 ) -> Iterator[Callable[..., BrokerHarness]]:
-    """Build brokers on moto (in process); settings overrides as keyword arguments."""
+    """Build brokers on moto (in process): settings overrides as keyword arguments,
+    replacement adapters (``provider=``, ``store=``, ``queue=``) in ``adapters``."""
     from moto import mock_aws
 
     from kidp.bootstrap import build
@@ -154,7 +155,7 @@ def make_broker(
     built: list[BrokerHarness] = []
     with mock_aws():
 
-        def factory(**overrides: Any) -> BrokerHarness:
+        def factory(adapters: dict[str, Any] | None = None, **overrides: Any) -> BrokerHarness:
             values: dict[str, Any] = {
                 "cloud": "aws",
                 "region": "us-east-1",
@@ -170,7 +171,7 @@ def make_broker(
                 "namespace_wait_seconds": 0,
             }
             values.update(overrides)
-            harness = BrokerHarness(build(Settings(**values)), receiver)
+            harness = BrokerHarness(build(Settings(**values), **(adapters or {})), receiver)
             built.append(harness)
             return harness
 
