@@ -29,8 +29,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def broker_process(**env: str) -> Iterator[str]:
-    """``kidp-broker serve --emulate`` in a child process; yields its base URL."""
+def broker_process(role: str = "all", **env: str) -> Iterator[str]:
+    """``kidp-broker serve --emulate --role ROLE`` in a child process; yields its URL."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="kidp-bench-") as state:
         environ = {
@@ -43,7 +43,7 @@ def broker_process(**env: str) -> Iterator[str]:
         }
         exe = Path(sys.executable).with_name("kidp-broker")
         proc = subprocess.Popen(
-            [str(exe), "serve", "--emulate", "--port", str(port)],
+            [str(exe), "serve", "--emulate", "--port", str(port), "--role", role],
             env=environ,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -333,7 +333,9 @@ def test_costs_grouping(api: Any) -> None:
 
 def test_unknown_route_and_method_use_the_error_shape(api: Any) -> None:
     _, client = api()
-    assert_error(client.get("/v2/nothing"), 404, "resource_not_found")
+    assert_error(client.get("/v2/nothing", headers=token()), 404, "resource_not_found")
+    # Without a token, an unknown route does not even reveal that it is unknown.
+    assert_error(client.get("/v2/nothing"), 401, "unauthorized")
     assert_error(client.put("/v1/provision", json={}, headers=token()), 405, "method_not_allowed")
 
 
@@ -344,3 +346,28 @@ def test_committed_openapi_matches_the_code(api: Any) -> None:
     assert served == committed, "regenerate: kidp-broker openapi > docs/openapi.json"
     assert "/v1/provision" in served["paths"]
     assert "ProvisionRequest" in served["components"]["schemas"]
+
+
+def test_an_unknown_caller_with_a_bad_body_is_refused_before_parsing(api: Any) -> None:
+    _, client = api(rate_limit_per_minute=2)
+    bad = {"Content-Type": "application/json"}
+    for _ in range(2):
+        assert_error(
+            client.post("/v1/provision", content=b"{oops", headers=bad), 401, "unauthorized"
+        )
+    assert_error(client.post("/v1/provision", content=b"{oops", headers=bad), 429, "rate_limited")
+
+
+def test_a_chunked_body_over_the_limit_is_413(api: Any) -> None:
+    _, client = api()
+
+    def chunks() -> Any:
+        yield b'{"owner": "'
+        for _ in range(20):
+            yield b"a" * 65536
+        yield b'"}'
+
+    response = client.post(
+        "/v1/provision", content=chunks(), headers={**token(), "Content-Type": "application/json"}
+    )
+    assert_error(response, 413, "payload_too_large")

@@ -166,3 +166,81 @@ def test_old_credentials_are_rotated_with_a_callback(make_broker: Any) -> None:
     assert after["password"] not in json.dumps(callback)
     # Nothing is due again right after.
     assert h.broker.scanner.rotation() == {"rotated": 0, "failed": 0}
+
+
+def test_patch_updates_are_listed_but_page_no_one(make_broker: Any) -> None:
+    h = make_broker()
+    ready(h)
+    identifier = rds().describe_db_instances()["DBInstances"][0]["DBInstanceIdentifier"]
+    rds().modify_db_instance(
+        DBInstanceIdentifier=identifier, EngineVersion="15.7", ApplyImmediately=True
+    )
+    assert h.broker.scanner.drift()["changed"] == 0
+    h.drain()
+    assert drift_callbacks(h) == []
+    view = h.service.resources(h.admin, namespace="team-platform")["resources"][0]
+    assert view["driftDetected"] is False
+    assert view["driftDetails"] == ["Version mismatch: desired=15, actual=15.7 (patch update)"]
+    assert b"broker_drift_detected_total{" not in h.service.metrics.render()
+
+
+def test_cost_alerts_show_only_the_callers_namespaces(make_broker: Any) -> None:
+    h = make_broker()
+    mine = ready(h)
+    theirs = ready(h, namespace="secret-team", resourceName="their-db")
+    week_ago = (h.service.clock.now().date() - timedelta(days=7)).isoformat()
+    for deployment_id, namespace in ((mine, "team-platform"), (theirs, "secret-team")):
+        d = h.store.get(deployment_id)
+        h.store.put_cost_snapshot(
+            CostSnapshot(
+                deployment_id=d.id,
+                day=week_ago,
+                namespace=namespace,
+                team=d.team,
+                application=d.application,
+                resource_type="database",
+                amount=d.cost.estimated_monthly / 2,
+            )
+        )
+    h.broker.scanner.cost()
+    for group_by in ("team", "namespace", "application"):
+        visible = h.broker.scanner.costs(group_by=group_by, namespaces={"team-platform"})
+        assert "secret-team" not in json.dumps(visible)
+        assert "their-db" not in json.dumps(visible)
+    everything = h.broker.scanner.costs(group_by="namespace", namespaces=None)
+    assert {a["group"] for a in everything["alerts"]} == {"team-platform", "secret-team"}
+
+
+class RefusingRotation:
+    """The real provider, except that the cloud refuses the new password."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def rotate_credentials(self, deployment: Any, credentials: Any) -> None:
+        from kidp.errors import ProvisioningFailed
+
+        raise ProvisioningFailed("InvalidDBInstanceState: instance is not available")
+
+
+def test_a_refused_rotation_keeps_the_secret_that_works(make_broker: Any) -> None:
+    h = make_broker()
+    deployment_id = ready(h)
+    deployment = h.store.get(deployment_id)
+    sm = boto3.client("secretsmanager", region_name="us-east-1")
+    before = json.loads(sm.get_secret_value(SecretId=deployment.secret_ref.id)["SecretString"])
+    h.store.save(
+        deployment.evolve(credentials_rotated_at=deployment.created_at - timedelta(days=91)),
+        expected_version=deployment.version,
+    )
+    h.service.provider = RefusingRotation(h.service.provider)
+
+    assert h.broker.scanner.rotation() == {"rotated": 0, "failed": 1}
+    after = json.loads(sm.get_secret_value(SecretId=deployment.secret_ref.id)["SecretString"])
+    assert after["password"] == before["password"]
+    assert b'broker_credential_rotations_total{status="failure"} 1.0' in (
+        h.service.metrics.render()
+    )

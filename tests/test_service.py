@@ -14,7 +14,7 @@ import pytest
 
 from kidp.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from kidp.models import DeprovisionRequest, Job, JobKind, Phase
-from kidp.observability import configure_logging
+from kidp.observability import JsonFormatter, configure_logging
 
 
 def rds() -> Any:
@@ -72,7 +72,9 @@ def test_credentials_live_in_secrets_manager_and_nowhere_else(
     password = json.loads(secret["SecretString"])["password"]
     assert len(password) >= 16
 
-    seen = json.dumps([p for _, p in h.receiver.log]) + caplog.text
+    # Formatted as `serve` writes them, structured fields included.
+    logs = "\n".join(JsonFormatter().format(record) for record in caplog.records)
+    seen = json.dumps([p for _, p in h.receiver.log]) + logs
     seen += json.dumps(h.service.detailed_status(deployment))
     seen += deployment.model_dump_json()
     assert password not in seen
@@ -261,9 +263,17 @@ def test_retain_leaves_the_cloud_resource(make_broker: Any) -> None:
     )
     h.drain()
     assert h.store.get(deployment_id).phase is Phase.DELETED
-    assert len(instances()) == 1
-    # The name is free again for a new deployment.
-    assert h.submit().deployment_id != deployment_id
+    (retained,) = instances()
+    tags = {t["Key"]: t["Value"] for t in retained["TagList"]}
+    assert tags["platform.company.com/managed-by"] == "kidp-retained"
+    assert h.store.get(deployment_id).secret_ref is not None  # its credentials stay too
+    # The broker forgot it, but the cloud name is still taken: a new deployment of
+    # the same name fails clearly instead of adopting someone's retained data.
+    again = h.submit().deployment_id
+    h.drain()
+    failed = h.store.get(again)
+    assert failed.phase is Phase.FAILED
+    assert deployment_id in failed.error
 
 
 def test_snapshot_policy_keeps_a_final_snapshot(make_broker: Any) -> None:
@@ -350,3 +360,120 @@ def test_reconcile_recreates_a_lost_provision_job(make_broker: Any) -> None:
     h.drain()
     assert h.store.get(deployment_id).phase is Phase.READY
     assert len(instances()) == 1
+
+
+def test_provision_timeout_fails_the_deployment(make_broker: Any) -> None:
+    h = make_broker(provision_timeout_seconds=0)
+    deployment_id = h.submit().deployment_id
+    h.drain()
+    deployment = h.store.get(deployment_id)
+    assert deployment.phase is Phase.FAILED
+    assert deployment.error == "not ready after 0 s"
+    assert h.phases() == ["Provisioning", "Failed"]
+
+
+class DeprovisionedWhileDeploying:
+    """The real AWS provider; a deprovision lands while its deploy call runs."""
+
+    def __init__(self, harness: Any) -> None:
+        self.inner = harness.service.provider
+        self.harness = harness
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def deploy(self, deployment: Any, tags: Any, credentials: Any) -> Any:
+        h = self.harness
+        h.service.submit_deprovision(
+            h.admin, DeprovisionRequest(deployment_id=deployment.id, namespace="team-platform")
+        )
+        delete = Job(
+            kind=JobKind.DELETE,
+            deployment_id=deployment.id,
+            id=h.store.get(deployment.id).job_token,
+        )
+        h.service.handle(delete)  # finds nothing yet, so it reports Deleted
+        return self.inner.deploy(deployment, tags, credentials)
+
+
+def test_deprovision_during_provisioning_leaves_nothing_behind(make_broker: Any) -> None:
+    h = make_broker()
+    h.service.provider = DeprovisionedWhileDeploying(h)
+    deployment_id = h.submit().deployment_id
+    h.drain()
+    assert h.store.get(deployment_id).phase is Phase.DELETED
+    assert instances() == []
+    assert (
+        boto3.client("secretsmanager", region_name="us-east-1").list_secrets()["SecretList"] == []
+    )
+    assert h.broker.scanner.orphans()["total"] == 0
+
+
+def test_a_superseded_job_cannot_fail_a_deployment_it_no_longer_drives(
+    make_broker: Any,
+) -> None:
+    h = make_broker()
+    deployment_id = h.submit().deployment_id
+    h.worker.run_once()  # provision: the deployment now waits for its poll job
+    poll = Job(
+        kind=JobKind.POLL, deployment_id=deployment_id, id=h.store.get(deployment_id).job_token
+    )
+    h.service.submit_deprovision(
+        h.admin, DeprovisionRequest(deployment_id=deployment_id, namespace="team-platform")
+    )
+    h.service.give_up(poll, "stale")  # e.g. the old poll exhausted its deliveries
+    assert h.store.get(deployment_id).phase is Phase.DELETING
+    h.drain()
+    assert h.store.get(deployment_id).phase is Phase.DELETED
+
+
+def test_the_same_request_while_deleting_is_a_conflict(make_broker: Any) -> None:
+    h = make_broker()
+    deployment_id = h.submit().deployment_id
+    h.drain()
+    h.service.submit_deprovision(
+        h.admin, DeprovisionRequest(deployment_id=deployment_id, namespace="team-platform")
+    )
+    with pytest.raises(Conflict, match="being deleted"):
+        h.submit()
+    h.drain()
+    assert h.submit().deployment_id != deployment_id
+
+
+def test_callbacks_carry_an_increasing_sequence(make_broker: Any) -> None:
+    h = make_broker()
+    deployment_id = h.submit().deployment_id
+    h.drain()
+    h.service.submit_deprovision(
+        h.admin, DeprovisionRequest(deployment_id=deployment_id, namespace="team-platform")
+    )
+    h.drain()
+    sequences = [p["additionalMetadata"]["sequence"] for _, p in h.receiver.log]
+    assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences) == 4
+
+
+def test_progress_callbacks_follow_the_configured_interval(make_broker: Any) -> None:
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    vpc = ec2.create_vpc(CidrBlock="10.30.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.30.1.0/24")["Subnet"]["SubnetId"]
+    group = ec2.create_security_group(GroupName="p", Description="p", VpcId=vpc)["GroupId"]
+    service = {"resourceType": "service", "spec": {"image": "nginx:1.27", "port": 80}}
+
+    every_poll = make_broker(
+        aws_subnet_ids=[subnet], aws_security_group_ids=[group], progress_interval_seconds=0
+    )
+    every_poll.submit(resourceName="svc-a", **service)
+    for _ in range(10):  # provision, then polls and their callbacks, one job each
+        every_poll.worker.run_once()
+    progress = [p for _, p in every_poll.receiver.log if p["phase"] == "Provisioning"]
+    assert len(progress) >= 4  # the first one, then one per poll
+    assert progress[-1]["message"].startswith("Provisioning in progress")
+
+    every_poll.receiver.log.clear()
+    hourly = make_broker(
+        aws_subnet_ids=[subnet], aws_security_group_ids=[group], progress_interval_seconds=3600
+    )
+    hourly.submit(resourceName="svc-b", **service)
+    for _ in range(10):
+        hourly.worker.run_once()
+    assert [p["phase"] for _, p in hourly.receiver.log] == ["Provisioning"]

@@ -56,6 +56,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: Paths that are probed by machines and never rate limited or audited per call.
 _PROBES = frozenset({"/health", "/readiness", "/ready", "/metrics"})
+#: Paths served without a token (discovery and probes).
+_PUBLIC = _PROBES | {"/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
     for status, text in {
@@ -105,14 +107,27 @@ def _validation_message(exc: RequestValidationError) -> BrokerError:
 
 
 class Gatekeeper:
-    """Pure ASGI middleware: correlation id, body limit, content type, metrics,
-    and the request log. Kept as raw ASGI because it runs on every request."""
+    """Pure ASGI middleware in front of every route: correlation id,
+    authentication and the rate limit (before any body is read, so a bad body
+    from an unknown caller is a 401, not a 400), body limit, content type,
+    metrics and the request log. Raw ASGI because it runs on every request."""
 
-    def __init__(self, app: ASGIApp, service: BrokerService) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        service: BrokerService,
+        *,
+        verifier: TokenVerifier,
+        limiter: RateLimiter,
+    ) -> None:
         self.app = app
         self.fastapi: FastAPI | None = app if isinstance(app, FastAPI) else None
         self.service = service
+        self.verifier = verifier
+        self.limiter = limiter
         self.max_body = service.settings.max_body_bytes
+        # A JWKS fetch blocks: keep it off the event loop. HS256 is cheap inline.
+        self.verify_in_thread = service.settings.jwt_jwks_url is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -138,9 +153,13 @@ class Gatekeeper:
             await send(message)
 
         try:
-            refusal = self._refuse(method, headers)
+            refusal = None
+            if path not in _PUBLIC:
+                refusal = await self._authenticate(scope, headers)
+            refusal = refusal or self._refuse(method, headers)
             if refusal is not None:
-                response = error_response(refusal)
+                extra = {"WWW-Authenticate": "Bearer"} if isinstance(refusal, Unauthorized) else {}
+                response = error_response(refusal, headers=extra)
                 await response(scope, receive, send_with_headers)
                 return
             await self.app(scope, self._limited(receive), send_with_headers)
@@ -165,6 +184,37 @@ class Gatekeeper:
                     },
                 )
             correlation_id.reset(token)
+
+    async def _authenticate(self, scope: Scope, headers: dict[str, str]) -> BrokerError | None:
+        """Verify the bearer token and count the request against its subject (or,
+        without a valid token, its source address). Returns the refusal, if any."""
+        client = (scope.get("client") or ("unknown", 0))[0]
+        state = scope.setdefault("state", {})
+        try:
+            token = bearer_token(headers.get("authorization"))
+            if self.verify_in_thread:
+                who = await run_in_threadpool(self.verifier.verify, token)
+            else:
+                who = self.verifier.verify(token)
+        except Unauthorized as exc:
+            audit.warning(
+                "authentication refused",
+                extra={"client": client, "reason": exc.message, "path": scope["path"]},
+            )
+            return self._limit(f"ip:{client}") or exc
+        except BrokerError as exc:  # the identity provider is down: 503, retry
+            return exc
+        state["caller"] = who
+        state["subject"] = who.subject
+        return self._limit(f"sub:{who.subject}")
+
+    def _limit(self, key: str) -> BrokerError | None:
+        limit = self.service.settings.rate_limit_per_minute
+        wait = self.limiter.hit(key, limit=limit, window_seconds=60.0)
+        if wait is None:
+            return None
+        audit.warning("rate limited", extra={"key": key})
+        return RateLimited(f"rate limit of {limit} requests per minute exceeded", retry_after=wait)
 
     def _refuse(self, method: str, headers: dict[str, str]) -> BrokerError | None:
         if method not in ("POST", "PUT", "PATCH"):
@@ -214,29 +264,11 @@ def create_app(
     )
 
     def caller(request: Request) -> Caller:
-        """Authenticate, then count the request against the caller's limit."""
-        client = request.client.host if request.client else "unknown"
-        try:
-            who = verifier.verify(bearer_token(request.headers.get("authorization")))
-        except Unauthorized as exc:
-            _limit(f"ip:{client}")
-            audit.warning(
-                "authentication refused",
-                extra={"client": client, "reason": exc.message, "path": request.url.path},
-            )
-            raise
-        request.scope.setdefault("state", {})["subject"] = who.subject
-        _limit(f"sub:{who.subject}")
+        """The caller the gatekeeper authenticated for this request."""
+        who = request.scope.get("state", {}).get("caller")
+        if not isinstance(who, Caller):  # a route missing from _PUBLIC's complement
+            raise Unauthorized("missing bearer token")
         return who
-
-    def _limit(key: str) -> None:
-        wait = limiter.hit(key, limit=settings.rate_limit_per_minute, window_seconds=60.0)
-        if wait is not None:
-            audit.warning("rate limited", extra={"key": key})
-            raise RateLimited(
-                f"rate limit of {settings.rate_limit_per_minute} requests per minute exceeded",
-                retry_after=wait,
-            )
 
     Authed = Annotated[Caller, Depends(caller)]  # noqa: N806 - a type alias
 
@@ -254,6 +286,8 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, PayloadTooLarge):  # raised while FastAPI read the body
+            return error_response(exc.__cause__)
         code = {404: "resource_not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "invalid_request"
         )
@@ -472,4 +506,4 @@ def create_app(
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    return Gatekeeper(app, service)
+    return Gatekeeper(app, service, verifier=verifier, limiter=limiter)

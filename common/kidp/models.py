@@ -308,6 +308,7 @@ class Deployment(BaseModel):
     last_checked_at: datetime | None = None
     last_progress_at: datetime | None = None
     credentials_rotated_at: datetime | None = None
+    deleting_since: datetime | None = None
     #: Id of the one job allowed to drive this deployment next; a duplicate or
     #: superseded job sees a different token and drops itself.
     job_token: str | None = None

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Any, Literal
 
 from kidp import pricing
 from kidp.drift import compare
-from kidp.errors import NotFound, TemporaryError, ValidationFailed
+from kidp.errors import BrokerError, NotFound, ValidationFailed
 from kidp.models import Cost, CostSnapshot, Deployment, Phase, ResourceSpec
 from kidp.ports import Credentials
 from kidp.service import BrokerService, generate_password, secret_name
@@ -25,6 +25,8 @@ log = logging.getLogger("kidp.scans")
 ScanName = Literal["drift", "orphans", "cost", "rotation", "reconcile"]
 SCANS: tuple[ScanName, ...] = ("drift", "orphans", "cost", "rotation", "reconcile")
 GROUPS = ("team", "application", "namespace")
+#: Scans walk every deployment, not a page of them.
+ALL = 10_000_000
 
 
 class Scanner:
@@ -39,10 +41,11 @@ class Scanner:
         """Compare every Ready deployment with the cloud; callback once per change."""
         svc = self.service
         checked = changed = 0
-        for deployment in svc.store.list(phases=[Phase.READY]):
+        for deployment in svc.store.list(phases=[Phase.READY], limit=ALL):
             try:
                 resource = svc.provider.get_status(deployment)
-            except TemporaryError as exc:
+            except BrokerError as exc:
+                # One resource the cloud will not describe must not stop the scan.
                 log.warning(
                     "drift check skipped",
                     extra={"deploymentId": deployment.id, "reason": exc.message},
@@ -52,9 +55,8 @@ class Scanner:
             actual = None if resource.state == "missing" else resource.actual_spec
             report = compare(deployment.spec.wire(), actual)
             changes: dict[str, Any] = {
-                "last_checked_at": svc.clock.now(),
                 "drift_details": report.details,
-                "drift_detected": report.detected,
+                "drift_detected": report.significant,
                 "drift_fingerprint": report.fingerprint,
             }
             if actual is not None:
@@ -62,8 +64,11 @@ class Scanner:
                 changes["resource_usage"] = resource.resource_usage
                 changes["cost"] = self._cost(deployment, actual)
             if report.fingerprint == deployment.drift_fingerprint:
-                svc._transition(deployment, changes, notify=False)
+                if any(getattr(deployment, k) != v for k, v in changes.items()):
+                    changes["last_checked_at"] = svc.clock.now()
+                    svc.record(deployment, changes)
                 continue
+            changes["last_checked_at"] = svc.clock.now()
             if report.significant:
                 svc.metrics.drift_detected.labels(
                     deployment.namespace, deployment.resource_type.value
@@ -141,7 +146,7 @@ class Scanner:
         svc = self.service
         today = svc.clock.now().date()
         snapshots = 0
-        for deployment in svc.store.list(phases=[Phase.READY, Phase.PROVISIONING]):
+        for deployment in svc.store.list(phases=[Phase.READY, Phase.PROVISIONING], limit=ALL):
             if deployment.cost is None:
                 continue
             svc.store.put_cost_snapshot(
@@ -162,12 +167,17 @@ class Scanner:
             log.warning("cost jump", extra=alert)
         return {"snapshots": snapshots, "alerts": alerts}
 
-    def cost_alerts(self) -> list[dict[str, Any]]:
-        """Groups whose cost rose more than the threshold against a week ago."""
+    def cost_alerts(self, namespaces: set[str] | None = None) -> list[dict[str, Any]]:
+        """Groups whose cost rose more than the threshold against a week ago,
+        counting only ``namespaces`` when given (what a caller may see)."""
         svc = self.service
         today = svc.clock.now().date()
-        now = svc.store.cost_snapshots(day=today.isoformat())
-        before = svc.store.cost_snapshots(day=(today - timedelta(days=7)).isoformat())
+
+        def visible(day: date) -> list[CostSnapshot]:
+            found = svc.store.cost_snapshots(day=day.isoformat())
+            return [s for s in found if namespaces is None or s.namespace in namespaces]
+
+        now, before = visible(today), visible(today - timedelta(days=7))
         alerts: list[dict[str, Any]] = []
         for group in GROUPS:
             current, previous = _totals(now, group), _totals(before, group)
@@ -191,7 +201,7 @@ class Scanner:
             raise ValidationFailed(f"groupBy must be one of: {', '.join(GROUPS)}")
         svc = self.service
         totals: dict[str, dict[str, Any]] = {}
-        for deployment in svc.store.list(phases=[Phase.READY, Phase.PROVISIONING]):
+        for deployment in svc.store.list(phases=[Phase.READY, Phase.PROVISIONING], limit=ALL):
             if namespaces is not None and deployment.namespace not in namespaces:
                 continue
             if deployment.cost is None:
@@ -215,12 +225,7 @@ class Scanner:
             entry["estimatedMonthly"] = round(entry["estimatedMonthly"], 2)
             entry["breakdown"] = {k: round(v, 2) for k, v in entry["breakdown"].items()}
             groups.append(entry)
-        alerts = [
-            a
-            for a in self.cost_alerts()
-            if a["groupBy"] == group_by
-            and (namespaces is None or group_by != "namespace" or a["group"] in namespaces)
-        ]
+        alerts = [a for a in self.cost_alerts(namespaces) if a["groupBy"] == group_by]
         return {
             "groupBy": group_by,
             "currency": "USD",
@@ -236,7 +241,7 @@ class Scanner:
         svc = self.service
         cutoff = svc.clock.now() - timedelta(days=svc.settings.rotation_max_age_days)
         rotated = failed = 0
-        for deployment in svc.store.list(phases=[Phase.READY]):
+        for deployment in svc.store.list(phases=[Phase.READY], limit=ALL):
             if deployment.secret_ref is None:
                 continue
             last = deployment.credentials_rotated_at or deployment.created_at
@@ -250,7 +255,13 @@ class Scanner:
 
     def rotate(self, deployment: Deployment) -> bool:
         """New credentials in the secret store, then in the cloud; a callback
-        carries the new secret reference."""
+        carries the new secret reference.
+
+        The store is written first so that apps reading it never hold a
+        password older than the resource's; if the cloud then refuses, the
+        previous value is written back. (A crash between the two leaves the
+        store ahead of the resource until the next rotation run.)
+        """
         svc = self.service
         policy = svc.provider.password_policy(deployment)
         if policy is None or deployment.secret_ref is None:
@@ -262,28 +273,39 @@ class Scanner:
             "engine": deployment.spec.engine or deployment.resource_type.value,
         }
         try:
-            # Cloud first: if it refuses, the stored secret still matches the resource.
+            _, previous = svc.secrets.ensure(name, lambda: value, {})
+            ref = svc.secrets.put_version(name, value)
+        except BrokerError as exc:
+            return self._rotation_failed(deployment, exc)
+        try:
             svc.provider.rotate_credentials(
                 deployment, Credentials(username=value["username"], password=value["password"])
             )
-            ref = svc.secrets.put_version(name, value)
-        except (TemporaryError, NotFound) as exc:
-            svc.metrics.rotations.labels("failure").inc()
-            log.warning(
-                "rotation failed", extra={"deploymentId": deployment.id, "reason": str(exc)}
-            )
-            return False
+        except BrokerError as exc:
+            try:
+                svc.secrets.put_version(name, previous)
+            except BrokerError:
+                log.error(
+                    "rotation: could not restore the previous secret",
+                    extra={"deploymentId": deployment.id},
+                )
+            return self._rotation_failed(deployment, exc)
         svc.metrics.rotations.labels("success").inc()
-        svc.notify(
-            deployment,
-            {
-                "secret_ref": ref,
-                "credentials_rotated_at": svc.clock.now(),
-                "message": "Credentials rotated",
-            },
-            {"additionalMetadata": {"credentialsRotated": True}},
-        )
+        changes = {
+            "secret_ref": ref,
+            "credentials_rotated_at": svc.clock.now(),
+            "message": "Credentials rotated",
+        }
+        extra = {"additionalMetadata": {"credentialsRotated": True}}
+        current: Deployment | None = deployment
+        while current is not None and svc.notify(current, changes, dict(extra)) is None:
+            current = svc.store.get(deployment.id)  # changed meanwhile: apply to the newest
         return True
+
+    def _rotation_failed(self, deployment: Deployment, exc: BrokerError) -> bool:
+        self.service.metrics.rotations.labels("failure").inc()
+        log.warning("rotation failed", extra={"deploymentId": deployment.id, "reason": exc.message})
+        return False
 
 
 def run_scan(scanner: Scanner, name: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import secrets as random_secrets
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -71,6 +72,12 @@ from kidp.tags import logical_tags
 
 log = logging.getLogger("kidp.service")
 audit = logging.getLogger("kidp.audit")
+
+#: Dead letters retried per reconcile pass (each may wait out the callback timeout).
+DEAD_LETTERS_PER_PASS = 10
+
+#: How long ``/health`` reuses its dependency checks.
+HEALTH_CACHE_SECONDS = 5.0
 
 #: Rough provisioning times, for ``estimatedCompletion`` while in progress.
 TYPICAL_DURATION = {
@@ -144,6 +151,9 @@ class BrokerService:
     def __post_init__(self) -> None:
         self.allowlist = Allowlist.parse(self.settings.callback_allowlist)
         self.started = self.clock.monotonic()
+        self._health_lock = threading.Lock()
+        self._health_cache: tuple[float, bool, dict[str, Any]] | None = None
+        self._readiness_cache: tuple[float, bool, dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ submit
 
@@ -248,6 +258,11 @@ class BrokerService:
             wanted.resource_type,
             wanted.resource_name,
         )
+        if existing.phase is Phase.DELETING and same_resource:
+            raise Conflict(
+                f"{existing.resource_type.value}/{existing.resource_name} is being deleted "
+                f"(deployment {existing.id}); provision it again once it is Deleted"
+            )
         if same_resource and existing.spec_fingerprint == wanted.spec_fingerprint:
             if dry_run:
                 return DryRunPlan(
@@ -310,36 +325,49 @@ class BrokerService:
     def submit_deprovision(self, caller: Caller, request: DeprovisionRequest) -> Accepted:
         """Move a deployment to Deleting and enqueue the delete (idempotent)."""
         caller.require_scope(SCOPE_DELETE)
-        deployment = self._find_for_delete(caller, request)
-        if deployment.phase in (Phase.DELETING, Phase.DELETED):
-            return Accepted(
-                deployment_id=deployment.id,
-                message=f"Deprovisioning already {deployment.phase.value.lower()} for "
-                f"deployment {deployment.id}",
-            )
-        job = Job(kind=JobKind.DELETE, deployment_id=deployment.id)
-        changes: dict[str, Any] = {
-            "phase": Phase.DELETING,
-            "message": f"Deleting {deployment.resource_type.value}/{deployment.resource_name}",
-            "job_token": job.id,
-            "error": None,
-        }
         if request.callback_url is not None:
             check_callback_url(request.callback_url, self.allowlist)
-            changes["callback_url"] = request.callback_url
-        if request.deletion_policy is not None:
-            changes["deletion_policy"] = request.deletion_policy
-        saved = self._transition(deployment, changes, notify=True)
-        if saved is None:
-            raise ConcurrentUpdate("the deployment changed while deleting; try again")
-        self._enqueue(job)
-        audit.info(
-            "deprovision accepted", extra={"deploymentId": deployment.id, "subject": caller.subject}
-        )
-        return Accepted(
-            deployment_id=deployment.id,
-            message=f"Deprovisioning request accepted for deployment {deployment.id}",
-        )
+        for _ in range(5):
+            deployment = self._find_for_delete(caller, request)
+            if deployment.phase in (Phase.DELETING, Phase.DELETED):
+                return Accepted(
+                    deployment_id=deployment.id,
+                    message=f"Deprovisioning already {deployment.phase.value.lower()} for "
+                    f"deployment {deployment.id}",
+                )
+            job = Job(kind=JobKind.DELETE, deployment_id=deployment.id)
+            changes: dict[str, Any] = {
+                "phase": Phase.DELETING,
+                "deleting_since": self.clock.now(),
+                "message": f"Deleting {deployment.resource_type.value}/{deployment.resource_name}",
+                "job_token": job.id,
+                "error": None,
+            }
+            if request.callback_url is not None:
+                changes["callback_url"] = request.callback_url
+            if request.deletion_policy is not None:
+                changes["deletion_policy"] = request.deletion_policy
+            try:
+                saved = self._transition(deployment, changes, notify=True)
+            except DuplicateDeployment as duplicate:
+                # A Failed deployment whose name was provisioned again: the new one
+                # holds the name (and, on most clouds, the resource name).
+                raise Conflict(
+                    f"{deployment.resource_type.value}/{deployment.resource_name} is now held "
+                    f"by deployment {duplicate.existing.id}; deprovision that one"
+                ) from None
+            if saved is None:
+                continue  # changed under us (a poll, a scan): look again
+            self._enqueue(job)
+            audit.info(
+                "deprovision accepted",
+                extra={"deploymentId": deployment.id, "subject": caller.subject},
+            )
+            return Accepted(
+                deployment_id=deployment.id,
+                message=f"Deprovisioning request accepted for deployment {deployment.id}",
+            )
+        raise ConcurrentUpdate("the deployment kept changing while deleting; try again")
 
     def _find_for_delete(self, caller: Caller, request: DeprovisionRequest) -> Deployment:
         if not caller.may_access(request.namespace):
@@ -373,7 +401,13 @@ class BrokerService:
         existence does not leak across namespaces."""
         caller.require_scope(SCOPE_READ)
         found = self.store.get(deployment_id)
-        if found is None or not caller.may_access(found.namespace):
+        if found is not None and not caller.may_access(found.namespace):
+            audit.warning(
+                "read refused: namespace not allowed",
+                extra={"deploymentId": deployment_id, "subject": caller.subject},
+            )
+            found = None
+        if found is None:
             raise NotFound(f"deployment {deployment_id} not found")
         return found
 
@@ -431,6 +465,10 @@ class BrokerService:
         """``GET/POST /v1/resources``: actual vs desired, checked live in the cloud."""
         caller.require_scope(SCOPE_READ)
         if not caller.may_access(namespace):
+            audit.warning(
+                "resources refused: namespace not allowed",
+                extra={"namespace": namespace, "subject": caller.subject},
+            )
             return {"resources": [], "total": 0, "namespace": namespace}
         found = self.store.list(
             namespace=namespace,
@@ -454,7 +492,7 @@ class BrokerService:
         if deployment.cloud_resource_id and deployment.phase in (Phase.READY, Phase.PROVISIONING):
             try:
                 resource = self.provider.get_status(deployment)
-            except TemporaryError as exc:
+            except BrokerError as exc:
                 message = f"{deployment.message} (cloud check failed: {exc.message}; last known)"
                 checked = deployment.last_checked_at or deployment.updated_at
             else:
@@ -477,7 +515,7 @@ class BrokerService:
             "connectionSecret": connection_secret(deployment) if deployment.secret_ref else None,
             "actualSpec": actual or {},
             "desiredSpec": desired,
-            "driftDetected": bool(report and report.detected),
+            "driftDetected": bool(report and report.significant),
             "driftDetails": report.details if report else [],
             "resourceUsage": usage,
             "estimatedMonthlyCost": deployment.cost.estimated_monthly if deployment.cost else None,
@@ -499,7 +537,28 @@ class BrokerService:
     # ----------------------------------------------------------------- health
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        """``GET /health`` (seeds 001 and 002) with per-dependency checks."""
+        """``GET /health`` (seeds 001 and 002) with per-dependency checks.
+
+        The checks and counts are reused for ``HEALTH_CACHE_SECONDS``: probes
+        from every replica and manager must not become load on the store and
+        the cloud API. Time and uptime are always current.
+        """
+        now = self.clock.monotonic()
+        with self._health_lock:
+            cached = self._health_cache
+            if cached is None or now - cached[0] >= HEALTH_CACHE_SECONDS:
+                cached = (now, *self._check_health())
+                self._health_cache = cached
+        _, serving, body = cached
+        uptime = int(now - self.started)
+        return serving, {
+            **body,
+            "time": _iso(self.clock.now()),
+            "uptime": _duration(uptime),
+            "uptimeSeconds": uptime,
+        }
+
+    def _check_health(self) -> tuple[bool, dict[str, Any]]:
         counts = self.store.count_by_phase()
         checks = {
             "store": _probe(self.store.check),
@@ -516,13 +575,9 @@ class BrokerService:
             status = "degraded"
         else:
             status = "healthy"
-        uptime = int(self.clock.monotonic() - self.started)
         return serving, {
             "status": status,
             "version": self.settings.version,
-            "time": _iso(self.clock.now()),
-            "uptime": _duration(uptime),
-            "uptimeSeconds": uptime,
             "activeDeployments": active,
             "totalDeployments": sum(counts.values()),
             "failedDeployments": counts.get(Phase.FAILED, 0),
@@ -530,7 +585,17 @@ class BrokerService:
         }
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """``GET /readiness``: ready when store, queue and cloud API answer."""
+        """``GET /readiness``: ready when store, queue and cloud API answer
+        (reused for ``HEALTH_CACHE_SECONDS``, like the health checks)."""
+        now = self.clock.monotonic()
+        with self._health_lock:
+            cached = self._readiness_cache
+            if cached is None or now - cached[0] >= HEALTH_CACHE_SECONDS:
+                cached = (now, *self._check_readiness())
+                self._readiness_cache = cached
+        return cached[1], cached[2]
+
+    def _check_readiness(self) -> tuple[bool, dict[str, Any]]:
         for name, check in (
             ("store", self.store.check),
             ("queue", self.queue.check),
@@ -564,15 +629,34 @@ class BrokerService:
         if deployment.job_token is not None and job.id != deployment.job_token:
             log.debug("superseded job dropped", extra={"deploymentId": deployment.id})
             return
+        overdue = self._overdue(deployment)
+        if overdue is not None:
+            # Checked before any cloud call: a cloud that only ever answers with
+            # temporary errors must still end in Failed, not hold a slot forever.
+            self._fail(deployment.id, PermanentError(overdue), token=job.id)
+            return
         try:
             if job.kind is JobKind.PROVISION:
                 self._provision(deployment, job)
             elif job.kind is JobKind.POLL:
-                self._poll(deployment)
+                self._poll(deployment, job)
             elif job.kind is JobKind.DELETE:
                 self._delete(deployment)
         except PermanentError as exc:
-            self._fail(deployment.id, exc)
+            self._fail(deployment.id, exc, token=job.id)
+
+    def _overdue(self, deployment: Deployment) -> str | None:
+        """Why the deployment has run out of time, or None."""
+        limit = self.settings.provision_timeout_seconds
+        since = {
+            Phase.PROVISIONING: (deployment.started_at, "ready"),
+            Phase.DELETING: (deployment.deleting_since, "deleted"),
+        }.get(deployment.phase)
+        if since is None or since[0] is None:
+            return None
+        if (self.clock.now() - since[0]).total_seconds() <= limit:
+            return None
+        return f"not {since[1]} after {int(limit)} s"
 
     def give_up(self, job: Job, reason: str) -> None:
         """A job exhausted its deliveries (a poison message): fail its deployment
@@ -583,7 +667,9 @@ class BrokerService:
                 if event is not None and event.delivered_at is None:
                     self._dead_letter(event, reason)
             return
-        self._fail(job.deployment_id, PermanentError(f"job failed repeatedly: {reason}"))
+        self._fail(
+            job.deployment_id, PermanentError(f"job failed repeatedly: {reason}"), token=job.id
+        )
 
     def _provision(self, deployment: Deployment, job: Job) -> None:
         if deployment.phase is Phase.PENDING:
@@ -635,6 +721,18 @@ class BrokerService:
         if saved is not None:
             delay = 0.0 if resource.state == "available" else self.settings.poll_interval_seconds
             self._enqueue(poll, delay=delay)
+            return
+        current = self.store.get(deployment.id)
+        if current is not None and current.phase in (Phase.DELETING, Phase.DELETED):
+            # Deprovisioned while this job was creating: a delete job may already
+            # have found nothing, so remove what was just made (both idempotent).
+            log.info(
+                "cleaning up after a deprovision during provisioning",
+                extra={"deploymentId": deployment.id},
+            )
+            self.provider.delete(current)
+            if current.deletion_policy is DeletionPolicy.DELETE and secret_ref is not None:
+                self.secrets.delete(secret_name(current))
 
     def _credentials(
         self, deployment: Deployment, tags: dict[str, str]
@@ -654,7 +752,7 @@ class BrokerService:
         )
         return ref, Credentials(username=value["username"], password=value["password"])
 
-    def _poll(self, deployment: Deployment) -> None:
+    def _poll(self, deployment: Deployment, job: Job) -> None:
         if deployment.phase is not Phase.PROVISIONING:
             return
         if not deployment.cloud_resource_id:
@@ -668,18 +766,9 @@ class BrokerService:
             return
         if resource.state in ("failed", "missing"):
             reason = resource.message or f"cloud resource is {resource.state}"
-            self._fail(deployment.id, PermanentError(reason))
+            self._fail(deployment.id, PermanentError(reason), token=job.id)
             return
         started = deployment.started_at or deployment.created_at
-        if (now - started).total_seconds() > self.settings.provision_timeout_seconds:
-            self._fail(
-                deployment.id,
-                PermanentError(
-                    f"not ready after {int(self.settings.provision_timeout_seconds)} s "
-                    f"(cloud state {resource.state})"
-                ),
-            )
-            return
         progress = resource.progress or min(90, deployment.progress + 10)
         last = deployment.last_progress_at or started
         due = (now - last).total_seconds() >= self.settings.progress_interval_seconds
@@ -714,17 +803,22 @@ class BrokerService:
             notify=True,
         )
         if saved is not None:
-            started = deployment.created_at
+            started = deployment.started_at or deployment.created_at
             self.metrics.provision_duration.labels(deployment.resource_type.value).observe(
                 (now - started).total_seconds()
             )
             self.metrics.provision_requests.labels(deployment.resource_type.value, "success").inc()
             log.info("deployment ready", extra={"deploymentId": deployment.id})
 
-    def _fail(self, deployment_id: str, error: BrokerError) -> None:
+    def _fail(self, deployment_id: str, error: BrokerError, *, token: str | None) -> None:
+        """Fail the deployment with a callback, unless ``token`` (the failing
+        job's id) no longer owns it: a superseded job must not fail a deployment
+        another job is driving, e.g. a stale poll during a delete."""
         for _ in range(5):
             deployment = self.store.get(deployment_id)
             if deployment is None or deployment.phase in (Phase.FAILED, Phase.DELETED):
+                return
+            if token is not None and deployment.job_token not in (None, token):
                 return
             deleting = deployment.phase is Phase.DELETING
             saved = self._transition(
@@ -817,8 +911,12 @@ class BrokerService:
         except ConcurrentUpdate:
             return None
         for event in events:
-            self._enqueue(Job(kind=JobKind.CALLBACK, deployment_id=saved.id, event_id=event.id))
+            self._enqueue(callback_job(event))
         return saved
+
+    def record(self, deployment: Deployment, changes: dict[str, Any]) -> Deployment | None:
+        """Save ``changes`` without a callback; None if someone changed it first."""
+        return self._transition(deployment, changes, notify=False)
 
     def notify(
         self, deployment: Deployment, changes: dict[str, Any], extra: dict[str, Any]
@@ -836,6 +934,9 @@ class BrokerService:
             "cloudResourceId": deployment.cloud_resource_id,
             "progress": deployment.progress,
             "tags": self._tags(deployment),
+            # Callbacks travel as separate jobs and retries can overtake each other:
+            # receivers keep the highest sequence they have seen per deployment.
+            "sequence": deployment.version + 1,
         }
         if deployment.secret_ref is not None:
             metadata["secretRef"] = deployment.secret_ref.wire()
@@ -910,15 +1011,7 @@ class BrokerService:
                     }
                 )
             )
-            self._enqueue(
-                Job(
-                    kind=JobKind.CALLBACK,
-                    deployment_id=event.deployment_id,
-                    event_id=event.id,
-                    seq=attempts,
-                ),
-                delay=delay,
-            )
+            self._enqueue(callback_job(event, seq=attempts), delay=delay)
             return
         self._dead_letter(event.model_copy(update={"attempts": attempts}), error)
 
@@ -926,7 +1019,8 @@ class BrokerService:
         now = self.clock.now()
         self.store.add_dead_letter(
             DeadLetter(
-                id=f"dl_{uuid.uuid4().hex[:16]}",
+                # Derived from the event: a redelivered job cannot make a second letter.
+                id=f"dl_{event.id.removeprefix('msg_')[:24]}",
                 event_id=event.id,
                 deployment_id=event.deployment_id,
                 url=event.url,
@@ -1014,14 +1108,7 @@ class BrokerService:
         for event in self.store.pending_events(created_before=stale):
             due = event.next_attempt_at is None or event.next_attempt_at <= stale
             if due:
-                self._enqueue(
-                    Job(
-                        kind=JobKind.CALLBACK,
-                        deployment_id=event.deployment_id,
-                        event_id=event.id,
-                        seq=event.attempts,
-                    )
-                )
+                self._enqueue(callback_job(event, seq=event.attempts))
                 repaired["callbacks"] += 1
         for letter in self.store.list_dead_letters():
             if letter.given_up_at or letter.resolved_at:
@@ -1029,6 +1116,8 @@ class BrokerService:
             if letter.next_retry_at is not None and letter.next_retry_at <= now:
                 self._retry_dead_letter(letter, manual=False)
                 repaired["deadLetters"] += 1
+                if repaired["deadLetters"] >= DEAD_LETTERS_PER_PASS:
+                    break  # each send may take the full timeout; the rest wait a pass
         repaired["purged"] = self.store.purge_finished(
             before=now - timedelta(days=self.settings.deleted_retention_days)
         )
@@ -1050,6 +1139,18 @@ class BrokerService:
                 "enqueue failed; reconcile will retry",
                 extra={"deploymentId": job.deployment_id, "kind": job.kind.value},
             )
+
+
+def callback_job(event: CallbackEvent, *, seq: int = 0) -> Job:
+    """The job that sends attempt ``seq`` of ``event``; its id is derived from
+    both, so enqueueing the same attempt twice is one job."""
+    return Job(
+        kind=JobKind.CALLBACK,
+        deployment_id=event.deployment_id,
+        event_id=event.id,
+        seq=seq,
+        id=f"{event.id}-{seq}",
+    )
 
 
 def _probe(check: Callable[[], None]) -> dict[str, Any]:
