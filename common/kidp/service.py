@@ -151,9 +151,8 @@ class BrokerService:
     def __post_init__(self) -> None:
         self.allowlist = Allowlist.parse(self.settings.callback_allowlist)
         self.started = self.clock.monotonic()
-        self._health_lock = threading.Lock()
-        self._health_cache: tuple[float, bool, dict[str, Any]] | None = None
-        self._readiness_cache: tuple[float, bool, dict[str, Any]] | None = None
+        self._checks_lock = threading.Lock()
+        self._checks: dict[str, tuple[float, bool, dict[str, Any]]] = {}
 
     # ------------------------------------------------------------------ submit
 
@@ -543,14 +542,8 @@ class BrokerService:
         from every replica and manager must not become load on the store and
         the cloud API. Time and uptime are always current.
         """
-        now = self.clock.monotonic()
-        with self._health_lock:
-            cached = self._health_cache
-            if cached is None or now - cached[0] >= HEALTH_CACHE_SECONDS:
-                cached = (now, *self._check_health())
-                self._health_cache = cached
-        _, serving, body = cached
-        uptime = int(now - self.started)
+        serving, body = self._cached("health", self._check_health)
+        uptime = int(self.clock.monotonic() - self.started)
         return serving, {
             **body,
             "time": _iso(self.clock.now()),
@@ -587,13 +580,18 @@ class BrokerService:
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """``GET /readiness``: ready when store, queue and cloud API answer
         (reused for ``HEALTH_CACHE_SECONDS``, like the health checks)."""
+        return self._cached("readiness", self._check_readiness)
+
+    def _cached(
+        self, name: str, check: Callable[[], tuple[bool, dict[str, Any]]]
+    ) -> tuple[bool, dict[str, Any]]:
         now = self.clock.monotonic()
-        with self._health_lock:
-            cached = self._readiness_cache
-            if cached is None or now - cached[0] >= HEALTH_CACHE_SECONDS:
-                cached = (now, *self._check_readiness())
-                self._readiness_cache = cached
-        return cached[1], cached[2]
+        with self._checks_lock:
+            hit = self._checks.get(name)
+            if hit is None or now - hit[0] >= HEALTH_CACHE_SECONDS:
+                hit = (now, *check())
+                self._checks[name] = hit
+        return hit[1], hit[2]
 
     def _check_readiness(self) -> tuple[bool, dict[str, Any]]:
         for name, check in (

@@ -61,6 +61,12 @@ from kidp.models import (
     Size,
 )
 from kidp.ports import Credentials, PasswordPolicy, QuotaReport
+from kidp.providers.aws_errors import SERVER_CODES as _SERVER_CODES
+from kidp.providers.aws_errors import THROTTLING_CODES
+from kidp.providers.aws_errors import Refused as _Refused
+from kidp.providers.aws_errors import error_code as _error_code
+from kidp.providers.aws_errors import http_status as _http_status
+from kidp.providers.aws_errors import redact as _redact
 
 if TYPE_CHECKING:
     from boto3.session import Session
@@ -134,34 +140,7 @@ REDIS_AUTH_ALPHABET = string.ascii_letters + string.digits + "-"
 #: cannot be read (an emulator without ``DescribeAccountAttributes``).
 RDS_DEFAULT_QUOTAS = {"DBInstances": 40, "DBClusters": 40, "AllocatedStorage": 100_000}
 
-# --- error classification --------------------------------------------------
-THROTTLING_CODES = frozenset(
-    {
-        "Throttling",
-        "ThrottlingException",
-        "ThrottledException",
-        "RequestLimitExceeded",
-        "RequestThrottled",
-        "RequestThrottledException",
-        "TooManyRequestsException",
-        "SlowDown",
-        "PriorRequestNotComplete",
-        "ProvisionedThroughputExceededException",
-        "BandwidthLimitExceeded",
-    }
-)
-_SERVER_CODES = frozenset(
-    {
-        "InternalFailure",
-        "InternalError",
-        "InternalServerError",
-        "InternalServerErrorException",
-        "ServiceUnavailable",
-        "ServiceUnavailableException",
-        "ClusterConnectivityException",
-        "KafkaTimeoutException",
-    }
-)
+# --- error classification (the shared part is in aws_errors) ----------------
 _QUOTA_CODES = frozenset(
     {
         "InstanceQuotaExceeded",
@@ -186,30 +165,6 @@ _UNAVAILABLE_CODES = (
     "UnknownOperationException",
     NOT_AN_API_ANSWER,
 )
-
-
-def _error_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", "Unknown"))
-
-
-def _http_status(exc: ClientError) -> int:
-    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-
-
-def _redact(text: str, secrets: Collection[str]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
-class _Refused(Exception):
-    """A ClientError whose code the caller said it handles (not found, exists...)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 class _AlreadyExists(Exception):

@@ -28,36 +28,11 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from kidp import tags as tagging
 from kidp.errors import BrokerError, NotFound, ProvisioningFailed, StoreUnavailable
 from kidp.models import SecretRef
+from kidp.providers.aws_errors import Refused, error_code, is_temporary, redact
 
 logger = logging.getLogger(__name__)
 
 STORE_NAME: Final = "aws-secretsmanager"
-
-_TEMPORARY_CODES = frozenset(
-    {
-        "ThrottlingException",
-        "Throttling",
-        "TooManyRequestsException",
-        "RequestLimitExceeded",
-        "InternalServiceError",
-        "InternalFailure",
-        "ServiceUnavailable",
-    }
-)
-
-
-def _redact(text: str, secrets: Collection[str]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
-class _Refused(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(code)
-        self.code = code
-        self.message = message
 
 
 class SecretsManagerStore:
@@ -119,16 +94,14 @@ class SecretsManagerStore:
         try:
             return getattr(self.client, operation)(**params)
         except ClientError as exc:
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", "Unknown"))
-            message = _redact(str(error.get("Message", "")), secrets)
+            code = error_code(exc)
+            message = redact(str(exc.response.get("Error", {}).get("Message", "")), secrets)
             if code in expect:
-                raise _Refused(code, message) from None
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+                raise Refused(code, message) from None
             text = f"Secrets Manager {operation} failed for secret {name} ({code}): {message}"
             # Not chained: the botocore exception belongs to a call that may
             # have carried the secret value.
-            if code in _TEMPORARY_CODES or status == 429 or status >= 500:
+            if is_temporary(exc):
                 raise StoreUnavailable(text, retry_after=5.0) from None
             raise ProvisioningFailed(text, details={"awsErrorCode": code}) from None
         except ParamValidationError:
@@ -172,7 +145,7 @@ class SecretsManagerStore:
             current = self._call(
                 "get_secret_value", name, expect=("ResourceNotFoundException",), SecretId=name
             )
-        except _Refused:
+        except Refused:
             return None
         return self._ref(name, current), self._value(current.get("SecretString"), name)
 
@@ -204,7 +177,7 @@ class SecretsManagerStore:
                 secrets=tuple(value.values()),
                 **params,
             )
-        except _Refused as refused:
+        except Refused as refused:
             if refused.code == "InvalidRequestException":
                 if "deletion" in refused.message.lower():
                     # Secrets Manager finishes a forced deletion asynchronously;
@@ -238,7 +211,7 @@ class SecretsManagerStore:
                 SecretId=name,
                 SecretString=json.dumps(dict(value)),
             )
-        except _Refused:
+        except Refused:
             raise NotFound(f"secret {name} does not exist") from None
         return self._ref(name, response)
 
@@ -252,7 +225,7 @@ class SecretsManagerStore:
                 SecretId=name,
                 ForceDeleteWithoutRecovery=True,
             )
-        except _Refused:
+        except Refused:
             return
 
     def check(self) -> None:
