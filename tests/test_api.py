@@ -371,3 +371,27 @@ def test_a_chunked_body_over_the_limit_is_413(api: Any) -> None:
         "/v1/provision", content=chunks(), headers={**token(), "Content-Type": "application/json"}
     )
     assert_error(response, 413, "payload_too_large")
+
+
+def test_readiness_is_503_with_the_reason_when_the_cloud_is_unreachable(api: Any) -> None:
+    import boto3
+    from botocore.config import Config
+
+    from kidp.providers.aws import AwsProvider
+
+    sts = boto3.client(
+        "sts",
+        region_name="us-east-1",
+        endpoint_url="http://127.0.0.1:9",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=1),
+    )
+    h, client = api()
+    h.service.provider = AwsProvider(region="us-east-1", clients={"sts": sts})
+    response = client.get("/readiness")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["ready"] is False
+    assert body["reason"].startswith("cloud API not accessible")
+    health = client.get("/health").json()
+    assert health["status"] == "degraded"
+    assert health["checks"]["cloudApi"]["status"] == "error"

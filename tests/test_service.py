@@ -477,3 +477,18 @@ def test_progress_callbacks_follow_the_configured_interval(make_broker: Any) -> 
     for _ in range(10):
         hourly.worker.run_once()
     assert [p["phase"] for _, p in hourly.receiver.log] == ["Provisioning"]
+
+
+@pytest.mark.postgres
+def test_the_whole_flow_on_postgresql(make_broker: Any, postgres_url: str) -> None:
+    h = make_broker(store_url=postgres_url)
+    first = h.submit()
+    assert h.submit().deployment_id == first.deployment_id
+    h.drain()
+    assert h.store.get(first.deployment_id).phase is Phase.READY
+    h.service.submit_deprovision(
+        h.admin, DeprovisionRequest(deployment_id=first.deployment_id, namespace="team-platform")
+    )
+    h.drain()
+    assert h.phases() == ["Provisioning", "Ready", "Deleting", "Deleted"]
+    assert instances() == []

@@ -8,6 +8,7 @@ imports another cloud's SDK.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -25,6 +26,8 @@ from kidp.settings import Settings
 from kidp.ssrf import Allowlist
 
 PROVIDERS = ("aws",)
+
+log = logging.getLogger("kidp.bootstrap")
 
 
 @dataclass
@@ -118,6 +121,12 @@ def build_secrets(settings: Settings) -> SecretStore:
 
 def build_verifier(settings: Settings) -> TokenVerifier:
     """Bearer token verification fixed by configuration (HS256 or a JWKS URL)."""
+    if not settings.jwt_secret and not settings.jwt_jwks_url:
+        log.warning(
+            "KIDP_JWT_SECRET and KIDP_JWT_JWKS_URL are unset: using the development "
+            "key in the state directory; set one for anything shared",
+            extra={"stateDir": str(settings.state_dir)},
+        )
     return TokenVerifier(
         issuer=settings.jwt_issuer,
         audience=settings.jwt_audience,
@@ -147,6 +156,12 @@ def build(
     secrets = secrets or build_secrets(settings)
     closers: list[Any] = []
     if sender is None:
+        if not settings.callback_secret:
+            log.warning(
+                "KIDP_CALLBACK_SECRET is unset: signing callbacks with the development "
+                "key in the state directory",
+                extra={"stateDir": str(settings.state_dir)},
+            )
         sender = CallbackSender(
             secret=settings.effective_callback_secret(),
             allowlist=Allowlist.parse(settings.callback_allowlist),
