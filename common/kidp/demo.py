@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 import queue
+import secrets
 import tempfile
 import threading
 import time
@@ -23,7 +24,7 @@ import httpx
 
 from kidp.auth import mint_token
 from kidp.bootstrap import build
-from kidp.callbacks import sign
+from kidp.callbacks import generate_secret, sign
 from kidp.emulator import free_port, start_aws_emulator
 from kidp.observability import configure_logging
 from kidp.runtime import EmbeddedBroker
@@ -125,9 +126,11 @@ def run_demo(*, timeout: float = 120.0) -> int:
             poll_interval_seconds=1.0,
             progress_interval_seconds=5.0,
             log_level="WARNING",
+            # Throwaway keys for this run: the demo shares nothing.
+            jwt_secret=secrets.token_hex(32),
+            callback_secret=generate_secret(),
         )
-        secret = settings.effective_callback_secret()
-        receiver = CallbackReceiver(secret)
+        receiver = CallbackReceiver(settings.effective_callback_secret())
         port = free_port()
         runtime = EmbeddedBroker(build(settings), port=port)
         try:

@@ -6,6 +6,7 @@ AWS provider runs unchanged through boto3, pointed at it by endpoint URL.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -46,6 +47,9 @@ def start_aws_emulator(port: int | None = None) -> AwsEmulator:
         os.environ[key] = "emulated"
     os.environ.pop("AWS_PROFILE", None)
     os.environ.pop("AWS_SESSION_TOKEN", None)
+    # The emulator logs a traceback for every operation it does not model (the
+    # provider falls back on its own, e.g. for RDS account quotas): not news.
+    logging.getLogger("werkzeug").setLevel(logging.CRITICAL)
     port = port or free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
