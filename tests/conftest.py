@@ -116,6 +116,18 @@ class BrokerHarness:
     def submit(self, caller: Any = None, **changes: Any) -> Any:
         return self.service.submit_provision(caller or self.admin, self.request(**changes))
 
+    def deprovision(self, deployment_id: str | None = None, *, by_name: str | None = None) -> Any:
+        """Deprovision in team-platform by deploymentId, or by database name."""
+        from kidp.models import DeprovisionRequest
+
+        if by_name is not None:
+            request = DeprovisionRequest(
+                namespace="team-platform", resource_type="database", resource_name=by_name
+            )
+        else:
+            request = DeprovisionRequest(deployment_id=deployment_id, namespace="team-platform")
+        return self.service.submit_deprovision(self.admin, request)
+
     def drain(self, *, rounds: int = 200) -> int:
         """Work jobs until none is due; returns how many ran."""
         total = 0

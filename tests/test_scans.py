@@ -22,6 +22,24 @@ def ready(h: Any, **changes: Any) -> str:
     return deployment_id
 
 
+def credentials_91_days_old(h: Any, deployment_id: str) -> Any:
+    """Age the deployment's credentials past the 90-day rotation limit."""
+    deployment = h.store.get(deployment_id)
+    h.store.save(
+        deployment.evolve(credentials_rotated_at=deployment.created_at - timedelta(days=91)),
+        expected_version=deployment.version,
+    )
+    return deployment
+
+
+def stored_credentials(deployment: Any) -> dict[str, str]:
+    sm = boto3.client("secretsmanager", region_name="us-east-1")
+    value: dict[str, str] = json.loads(
+        sm.get_secret_value(SecretId=deployment.secret_ref.id)["SecretString"]
+    )
+    return value
+
+
 def drift_callbacks(h: Any) -> list[dict[str, Any]]:
     return [p for _, p in h.receiver.log if p.get("driftDetected") is not None]
 
@@ -147,18 +165,12 @@ def test_cost_snapshots_group_and_flag_a_weekly_jump(make_broker: Any) -> None:
 
 def test_old_credentials_are_rotated_with_a_callback(make_broker: Any) -> None:
     h = make_broker()
-    deployment_id = ready(h)
-    deployment = h.store.get(deployment_id)
-    sm = boto3.client("secretsmanager", region_name="us-east-1")
-    before = json.loads(sm.get_secret_value(SecretId=deployment.secret_ref.id)["SecretString"])
-    h.store.save(
-        deployment.evolve(credentials_rotated_at=deployment.created_at - timedelta(days=91)),
-        expected_version=deployment.version,
-    )
+    deployment = credentials_91_days_old(h, ready(h))
+    before = stored_credentials(deployment)
 
     assert h.broker.scanner.rotation() == {"rotated": 1, "failed": 0}
     h.drain()
-    after = json.loads(sm.get_secret_value(SecretId=deployment.secret_ref.id)["SecretString"])
+    after = stored_credentials(deployment)
     assert after["password"] != before["password"]
     callback = h.receiver.log[-1][1]
     assert callback["message"] == "Credentials rotated"
@@ -228,18 +240,12 @@ class RefusingRotation:
 
 def test_a_refused_rotation_keeps_the_secret_that_works(make_broker: Any) -> None:
     h = make_broker()
-    deployment_id = ready(h)
-    deployment = h.store.get(deployment_id)
-    sm = boto3.client("secretsmanager", region_name="us-east-1")
-    before = json.loads(sm.get_secret_value(SecretId=deployment.secret_ref.id)["SecretString"])
-    h.store.save(
-        deployment.evolve(credentials_rotated_at=deployment.created_at - timedelta(days=91)),
-        expected_version=deployment.version,
-    )
+    deployment = credentials_91_days_old(h, ready(h))
+    before = stored_credentials(deployment)
     h.service.provider = RefusingRotation(h.service.provider)
 
     assert h.broker.scanner.rotation() == {"rotated": 0, "failed": 1}
-    after = json.loads(sm.get_secret_value(SecretId=deployment.secret_ref.id)["SecretString"])
+    after = stored_credentials(deployment)
     assert after["password"] == before["password"]
     assert b'broker_credential_rotations_total{status="failure"} 1.0' in (
         h.service.metrics.render()

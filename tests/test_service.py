@@ -13,7 +13,7 @@ import boto3
 import pytest
 
 from kidp.errors import Conflict, Forbidden, NotFound, ValidationFailed
-from kidp.models import DeprovisionRequest, Job, JobKind, Phase
+from kidp.models import Job, JobKind, Phase
 from kidp.observability import JsonFormatter, configure_logging
 
 
@@ -231,9 +231,7 @@ def test_deprovision_deletes_resource_and_secret_and_stays_readable(make_broker:
     deployment_id = h.submit().deployment_id
     h.drain()
     ref = h.store.get(deployment_id).secret_ref
-    accepted = h.service.submit_deprovision(
-        h.admin, DeprovisionRequest(deployment_id=deployment_id, namespace="team-platform")
-    )
+    accepted = h.deprovision(deployment_id)
     assert accepted.message == f"Deprovisioning request accepted for deployment {deployment_id}"
     h.drain()
     assert h.phases()[-2:] == ["Deleting", "Deleted"]
@@ -244,9 +242,7 @@ def test_deprovision_deletes_resource_and_secret_and_stays_readable(make_broker:
     status = h.service.status(h.service.get_visible(h.admin, deployment_id))
     assert status["phase"] == "Deleted"
     # Deleting again is accepted and changes nothing.
-    h.service.submit_deprovision(
-        h.admin, DeprovisionRequest(deployment_id=deployment_id, namespace="team-platform")
-    )
+    h.deprovision(deployment_id)
     h.drain()
     assert h.phases().count("Deleted") == 1
 
@@ -255,12 +251,7 @@ def test_retain_leaves_the_cloud_resource(make_broker: Any) -> None:
     h = make_broker()
     deployment_id = h.submit(deletionPolicy="Retain").deployment_id
     h.drain()
-    h.service.submit_deprovision(
-        h.admin,
-        DeprovisionRequest(
-            namespace="team-platform", resource_type="database", resource_name="postgres-app-db"
-        ),
-    )
+    h.deprovision(by_name="postgres-app-db")
     h.drain()
     assert h.store.get(deployment_id).phase is Phase.DELETED
     (retained,) = instances()
@@ -280,12 +271,7 @@ def test_snapshot_policy_keeps_a_final_snapshot(make_broker: Any) -> None:
     h = make_broker()
     h.submit(deletionPolicy="Snapshot")
     h.drain()
-    h.service.submit_deprovision(
-        h.admin,
-        DeprovisionRequest(
-            namespace="team-platform", resource_type="database", resource_name="postgres-app-db"
-        ),
-    )
+    h.deprovision(by_name="postgres-app-db")
     h.drain()
     assert instances() == []
     (final,) = rds().describe_db_snapshots(SnapshotType="manual")["DBSnapshots"]
@@ -384,9 +370,7 @@ class DeprovisionedWhileDeploying:
 
     def deploy(self, deployment: Any, tags: Any, credentials: Any) -> Any:
         h = self.harness
-        h.service.submit_deprovision(
-            h.admin, DeprovisionRequest(deployment_id=deployment.id, namespace="team-platform")
-        )
+        h.deprovision(deployment.id)
         delete = Job(
             kind=JobKind.DELETE,
             deployment_id=deployment.id,
@@ -418,9 +402,7 @@ def test_a_superseded_job_cannot_fail_a_deployment_it_no_longer_drives(
     poll = Job(
         kind=JobKind.POLL, deployment_id=deployment_id, id=h.store.get(deployment_id).job_token
     )
-    h.service.submit_deprovision(
-        h.admin, DeprovisionRequest(deployment_id=deployment_id, namespace="team-platform")
-    )
+    h.deprovision(deployment_id)
     h.service.give_up(poll, "stale")  # e.g. the old poll exhausted its deliveries
     assert h.store.get(deployment_id).phase is Phase.DELETING
     h.drain()
@@ -431,9 +413,7 @@ def test_the_same_request_while_deleting_is_a_conflict(make_broker: Any) -> None
     h = make_broker()
     deployment_id = h.submit().deployment_id
     h.drain()
-    h.service.submit_deprovision(
-        h.admin, DeprovisionRequest(deployment_id=deployment_id, namespace="team-platform")
-    )
+    h.deprovision(deployment_id)
     with pytest.raises(Conflict, match="being deleted"):
         h.submit()
     h.drain()
@@ -444,9 +424,7 @@ def test_callbacks_carry_an_increasing_sequence(make_broker: Any) -> None:
     h = make_broker()
     deployment_id = h.submit().deployment_id
     h.drain()
-    h.service.submit_deprovision(
-        h.admin, DeprovisionRequest(deployment_id=deployment_id, namespace="team-platform")
-    )
+    h.deprovision(deployment_id)
     h.drain()
     sequences = [p["additionalMetadata"]["sequence"] for _, p in h.receiver.log]
     assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences) == 4
@@ -486,9 +464,7 @@ def test_the_whole_flow_on_postgresql(make_broker: Any, postgres_url: str) -> No
     assert h.submit().deployment_id == first.deployment_id
     h.drain()
     assert h.store.get(first.deployment_id).phase is Phase.READY
-    h.service.submit_deprovision(
-        h.admin, DeprovisionRequest(deployment_id=first.deployment_id, namespace="team-platform")
-    )
+    h.deprovision(first.deployment_id)
     h.drain()
     assert h.phases() == ["Provisioning", "Ready", "Deleting", "Deleted"]
     assert instances() == []
