@@ -395,3 +395,25 @@ def test_readiness_is_503_with_the_reason_when_the_cloud_is_unreachable(api: Any
     health = client.get("/health").json()
     assert health["status"] == "degraded"
     assert health["checks"]["cloudApi"]["status"] == "error"
+
+
+def test_orphans_need_a_token_for_every_namespace(api: Any) -> None:
+    import boto3
+
+    _, client = api()
+    boto3.client("rds", region_name="us-east-1").create_db_instance(
+        DBInstanceIdentifier="kidp-x-left-behind",
+        DBInstanceClass="db.t3.micro",
+        Engine="postgres",
+        MasterUsername="u",
+        MasterUserPassword="p" * 12,
+        AllocatedStorage=20,
+        Tags=[
+            {"Key": "platform.company.com/managed-by", "Value": "kidp"},
+            {"Key": "platform.company.com/deployment-id", "Value": f"deploy-{'1' * 32}"},
+        ],
+    )
+    assert_error(client.get("/v1/orphans", headers=token()), 403, "forbidden")
+    found = client.get("/v1/orphans", headers=token(namespaces=["*"])).json()
+    assert found["total"] == 1
+    assert found["orphans"][0]["deploymentId"] == f"deploy-{'1' * 32}"
