@@ -934,6 +934,45 @@ class _RdsBase(_Kind):
     service = "rds"
     resource_type = ResourceType.DATABASE
 
+    def delete_keeping_backups_by_policy(
+        self,
+        deployment: Deployment,
+        found: _Found,
+        *,
+        operation: str,
+        identifier: str,
+        gone: tuple[str, ...],
+        busy: tuple[str, ...],
+        snapshot_exists: tuple[str, ...],
+    ) -> bool:
+        """Delete an RDS instance or cluster as the deletion policy says:
+        Snapshot takes a final snapshot and keeps the automated backups (they
+        expire on their own), Delete removes both. True once it is gone."""
+        if found.status == "deleting":
+            return False
+        policy = deployment.deletion_policy
+        params: dict[str, Any] = {
+            identifier: found.name,
+            "SkipFinalSnapshot": policy is not DeletionPolicy.SNAPSHOT,
+            "DeleteAutomatedBackups": policy is DeletionPolicy.DELETE,
+        }
+        if policy is DeletionPolicy.SNAPSHOT:
+            params["FinalDBSnapshotIdentifier"] = final_snapshot_name(deployment)
+        for _ in range(2):
+            try:
+                self.call(operation, expect=gone + busy + snapshot_exists, **params)
+                break
+            except _Refused as refused:
+                if refused.code in gone:
+                    return True
+                if refused.code in busy:
+                    return False  # creating, backing up, modifying: next poll
+                # This deployment's final snapshot exists from an earlier attempt:
+                # the data is kept there, so finish without another.
+                params.update(SkipFinalSnapshot=True)
+                params.pop("FinalDBSnapshotIdentifier", None)
+        return self.find(deployment) is None
+
     def password_policy(self, deployment: Deployment) -> PasswordPolicy:
         return PasswordPolicy(length=32, alphabet=RDS_PASSWORD_ALPHABET, username="kidpadmin")
 
@@ -1144,53 +1183,15 @@ class _RdsInstance(_RdsBase):
         )
 
     def delete(self, deployment: Deployment, found: _Found) -> bool:
-        if found.status == "deleting":
-            return False
-        policy = deployment.deletion_policy
-        params: dict[str, Any] = {
-            "DBInstanceIdentifier": found.name,
-            "SkipFinalSnapshot": policy is not DeletionPolicy.SNAPSHOT,
-            # Snapshot keeps the automated backups too: they expire on their own.
-            "DeleteAutomatedBackups": policy is DeletionPolicy.DELETE,
-        }
-        if policy is DeletionPolicy.SNAPSHOT:
-            params["FinalDBSnapshotIdentifier"] = final_snapshot_name(deployment)
-        try:
-            self.call(
-                "delete_db_instance",
-                expect=(
-                    "DBInstanceNotFound",
-                    "DBInstanceNotFoundFault",
-                    "InvalidDBInstanceState",
-                    "InvalidDBInstanceStateFault",
-                    "DBSnapshotAlreadyExists",
-                    "DBSnapshotAlreadyExistsFault",
-                ),
-                **params,
-            )
-        except _Refused as refused:
-            if refused.code.startswith("DBInstanceNotFound"):
-                return True
-            if refused.code.startswith("InvalidDBInstanceState"):
-                # Busy (creating, backing up, modifying): try again next poll.
-                return False
-            # This deployment's final snapshot already exists from an earlier
-            # attempt; the data is kept there, so finish without another.
-            params.update(SkipFinalSnapshot=True)
-            params.pop("FinalDBSnapshotIdentifier")
-            try:
-                self.call(
-                    "delete_db_instance",
-                    expect=(
-                        "DBInstanceNotFound",
-                        "DBInstanceNotFoundFault",
-                        "InvalidDBInstanceState",
-                    ),
-                    **params,
-                )
-            except _Refused as again:
-                return again.code.startswith("DBInstanceNotFound")
-        return self.find(deployment) is None
+        return self.delete_keeping_backups_by_policy(
+            deployment,
+            found,
+            operation="delete_db_instance",
+            identifier="DBInstanceIdentifier",
+            gone=("DBInstanceNotFound", "DBInstanceNotFoundFault"),
+            busy=("InvalidDBInstanceState", "InvalidDBInstanceStateFault"),
+            snapshot_exists=("DBSnapshotAlreadyExists", "DBSnapshotAlreadyExistsFault"),
+        )
 
     def retain(self, deployment: Deployment, found: _Found) -> None:
         self.tag(found.arn, self.retained_tags())
@@ -1463,43 +1464,15 @@ class _AuroraCluster(_RdsBase):
             if refreshed.members:
                 return False
             found = refreshed
-        if found.status == "deleting":
-            return False
-        policy = deployment.deletion_policy
-        params: dict[str, Any] = {
-            "DBClusterIdentifier": found.name,
-            "SkipFinalSnapshot": policy is not DeletionPolicy.SNAPSHOT,
-            "DeleteAutomatedBackups": policy is DeletionPolicy.DELETE,
-        }
-        if policy is DeletionPolicy.SNAPSHOT:
-            params["FinalDBSnapshotIdentifier"] = final_snapshot_name(deployment)
-        try:
-            self.call(
-                "delete_db_cluster",
-                expect=(
-                    "DBClusterNotFoundFault",
-                    "InvalidDBClusterStateFault",
-                    "DBClusterSnapshotAlreadyExistsFault",
-                ),
-                **params,
-            )
-        except _Refused as refused:
-            if refused.code == "DBClusterNotFoundFault":
-                return True
-            if refused.code == "InvalidDBClusterStateFault":
-                return False
-            # The final snapshot of this deployment is already there.
-            params.update(SkipFinalSnapshot=True)
-            params.pop("FinalDBSnapshotIdentifier")
-            try:
-                self.call(
-                    "delete_db_cluster",
-                    expect=("DBClusterNotFoundFault", "InvalidDBClusterStateFault"),
-                    **params,
-                )
-            except _Refused as again:
-                return again.code == "DBClusterNotFoundFault"
-        return self.find(deployment) is None
+        return self.delete_keeping_backups_by_policy(
+            deployment,
+            found,
+            operation="delete_db_cluster",
+            identifier="DBClusterIdentifier",
+            gone=("DBClusterNotFoundFault",),
+            busy=("InvalidDBClusterStateFault",),
+            snapshot_exists=("DBClusterSnapshotAlreadyExistsFault",),
+        )
 
     def retain(self, deployment: Deployment, found: _Found) -> None:
         retained = self.retained_tags()
