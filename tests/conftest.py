@@ -63,6 +63,23 @@ def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_PROFILE", raising=False)
 
 
+@pytest.fixture
+def aws(aws_credentials: None) -> Iterator[None]:
+    """Every AWS call of the test goes to moto, in process."""
+    from moto import mock_aws
+
+    with mock_aws():
+        yield
+
+
+@pytest.fixture
+def session(aws: None) -> Any:
+    """A boto3 session in us-east-1, on moto."""
+    import boto3
+
+    return boto3.session.Session(region_name="us-east-1")
+
+
 # --------------------------------------------------------------------------
 # A whole broker in the test process: SQLite store and queue in tmp_path, the
 # AWS provider through boto3 against moto in process, callbacks to a local

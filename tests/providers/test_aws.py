@@ -28,7 +28,6 @@ import boto3
 import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.config import Config
-from moto import mock_aws
 
 from kidp import catalog, drift
 from kidp import tags as tagging
@@ -163,17 +162,6 @@ CREDS = Credentials(username="kidpadmin", password=PASSWORD)
 
 
 # --- fixtures ------------------------------------------------------------------
-
-
-@pytest.fixture
-def aws(aws_credentials: None) -> Iterator[None]:
-    with mock_aws():
-        yield
-
-
-@pytest.fixture
-def session(aws: None) -> boto3.session.Session:
-    return boto3.session.Session(region_name=REGION)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import boto3
 import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.config import Config
-from moto import mock_aws
 
 from kidp.errors import NotFound, ProvisioningFailed, StoreUnavailable, TemporaryError
 from kidp.ports import SecretStore
@@ -30,17 +29,6 @@ class _Body:
 
     def stream(self, **_: Any) -> Iterator[bytes]:
         yield self._data
-
-
-@pytest.fixture
-def aws(aws_credentials: None) -> Iterator[None]:
-    with mock_aws():
-        yield
-
-
-@pytest.fixture
-def session(aws: None) -> boto3.session.Session:
-    return boto3.session.Session(region_name=REGION)
 
 
 @pytest.fixture
