@@ -80,6 +80,32 @@ def session(aws: None) -> Any:
     return boto3.session.Session(region_name="us-east-1")
 
 
+@pytest.fixture
+def stray_rds_instance(aws_credentials: None) -> Callable[..., None]:
+    """Create an RDS instance behind the broker's back (for orphan scans): with
+    the managed-by tag and ``deployment_id`` when given, untagged otherwise."""
+    import boto3
+
+    def create(name: str, deployment_id: str | None = None) -> None:
+        tags = []
+        if deployment_id is not None:
+            tags = [
+                {"Key": "platform.company.com/managed-by", "Value": "kidp"},
+                {"Key": "platform.company.com/deployment-id", "Value": deployment_id},
+            ]
+        boto3.client("rds", region_name="us-east-1").create_db_instance(
+            DBInstanceIdentifier=name,
+            DBInstanceClass="db.t3.micro",
+            Engine="postgres",
+            MasterUsername="u",
+            MasterUserPassword="p" * 12,
+            AllocatedStorage=20,
+            Tags=tags,
+        )
+
+    return create
+
+
 # --------------------------------------------------------------------------
 # A whole broker in the test process: SQLite store and queue in tmp_path, the
 # AWS provider through boto3 against moto in process, callbacks to a local

@@ -397,22 +397,9 @@ def test_readiness_is_503_with_the_reason_when_the_cloud_is_unreachable(api: Any
     assert health["checks"]["cloudApi"]["status"] == "error"
 
 
-def test_orphans_need_a_token_for_every_namespace(api: Any) -> None:
-    import boto3
-
+def test_orphans_need_a_token_for_every_namespace(api: Any, stray_rds_instance: Any) -> None:
     _, client = api()
-    boto3.client("rds", region_name="us-east-1").create_db_instance(
-        DBInstanceIdentifier="kidp-x-left-behind",
-        DBInstanceClass="db.t3.micro",
-        Engine="postgres",
-        MasterUsername="u",
-        MasterUserPassword="p" * 12,
-        AllocatedStorage=20,
-        Tags=[
-            {"Key": "platform.company.com/managed-by", "Value": "kidp"},
-            {"Key": "platform.company.com/deployment-id", "Value": f"deploy-{'1' * 32}"},
-        ],
-    )
+    stray_rds_instance("kidp-x-left-behind", f"deploy-{'1' * 32}")
     assert_error(client.get("/v1/orphans", headers=token()), 403, "forbidden")
     found = client.get("/v1/orphans", headers=token(namespaces=["*"])).json()
     assert found["total"] == 1

@@ -92,29 +92,11 @@ def test_resource_deleted_behind_our_back_is_drift(make_broker: Any) -> None:
     assert callback["driftDetails"] == ["Resource missing: not found in the cloud"]
 
 
-def test_orphans_are_listed_not_deleted(make_broker: Any) -> None:
+def test_orphans_are_listed_not_deleted(make_broker: Any, stray_rds_instance: Any) -> None:
     h = make_broker()
     ready(h)
-    rds().create_db_instance(
-        DBInstanceIdentifier="kidp-team-x-lost",
-        DBInstanceClass="db.t3.micro",
-        Engine="postgres",
-        MasterUsername="u",
-        MasterUserPassword="p" * 12,
-        AllocatedStorage=20,
-        Tags=[
-            {"Key": "platform.company.com/managed-by", "Value": "kidp"},
-            {"Key": "platform.company.com/deployment-id", "Value": "deploy-" + "0" * 32},
-        ],
-    )
-    rds().create_db_instance(
-        DBInstanceIdentifier="kidp-team-x-untagged",
-        DBInstanceClass="db.t3.micro",
-        Engine="postgres",
-        MasterUsername="u",
-        MasterUserPassword="p" * 12,
-        AllocatedStorage=20,
-    )
+    stray_rds_instance("kidp-team-x-lost", "deploy-" + "0" * 32)
+    stray_rds_instance("kidp-team-x-untagged")
 
     result = h.broker.scanner.orphans()
     reasons = {o["name"]: o["reason"] for o in result["orphans"]}
