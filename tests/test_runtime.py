@@ -10,8 +10,9 @@ from botocore.config import Config
 from kidp.models import Phase
 from kidp.providers.aws import AwsProvider
 from kidp.queues.sql import SqlJobQueue
-from kidp.runtime import Scheduler, backoff
+from kidp.runtime import Scheduler
 from kidp.stores.sql import SqlDeploymentStore
+from kidp.work import backoff
 
 
 class FakeClock:

@@ -1,12 +1,8 @@
 """The embedded runtime: API, worker threads and timers in one process.
 
-This is the pull-queue worker edge: it leases jobs, hands each to
-``BrokerService.handle`` and maps the outcome to the queue once:
-
-* returned -> ack
-* ``TemporaryError`` or an unexpected exception -> retry with backoff
-* after ``job_max_deliveries`` -> ``give_up`` (the deployment fails with a
-  callback) and the job is dead-lettered
+This is the pull-queue worker edge: it leases jobs, works each through
+:func:`kidp.work.work` and maps the outcome to the queue's ack, retry (with
+backoff) or dead letter.
 """
 
 from __future__ import annotations
@@ -19,19 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kidp.bootstrap import Broker
-from kidp.errors import BrokerError, TemporaryError
-from kidp.observability import correlation_id
 from kidp.ports import Delivery
 from kidp.scans import run_scan
+from kidp.work import work
 
 log = logging.getLogger("kidp.runtime")
 
 ROLES = ("all", "api", "worker", "scanner")
-
-
-def backoff(attempt: int, *, base: float = 1.0, cap: float = 300.0) -> float:
-    """Delay before delivery ``attempt + 1`` of a failing job: 1, 2, 4 ... capped."""
-    return float(min(cap, base * 2 ** max(0, attempt - 1)))
 
 
 class Worker:
@@ -58,36 +48,19 @@ class Worker:
         return len(deliveries)
 
     def _work(self, delivery: Delivery) -> None:
-        queue, service = self.broker.service.queue, self.broker.service
-        job = delivery.job
-        token = correlation_id.set(job.deployment_id)
-        try:
-            service.handle(job)
-        except TemporaryError as exc:
-            self._retry_or_give_up(
-                delivery, exc.message, max(exc.retry_after, backoff(delivery.attempt))
-            )
-        except BrokerError as exc:
-            # handle() turns permanent errors of deployment jobs into Failed;
-            # reaching here means the job itself is unusable.
-            log.error("job dropped", extra={"kind": job.kind.value, "reason": exc.message})
-            service.give_up(job, exc.message)
-            queue.dead_letter(delivery, reason=exc.message)
-        except Exception as exc:
-            log.exception("job crashed", extra={"kind": job.kind.value})
-            self._retry_or_give_up(delivery, type(exc).__name__, backoff(delivery.attempt))
-        else:
+        queue = self.broker.service.queue
+        outcome = work(
+            self.broker.service,
+            delivery.job,
+            attempt=delivery.attempt,
+            max_deliveries=self.broker.settings.job_max_deliveries,
+        )
+        if outcome.action == "ack":
             queue.ack(delivery)
-        finally:
-            correlation_id.reset(token)
-
-    def _retry_or_give_up(self, delivery: Delivery, reason: str, delay: float) -> None:
-        service = self.broker.service
-        if delivery.attempt >= self.broker.settings.job_max_deliveries:
-            service.give_up(delivery.job, reason)
-            service.queue.dead_letter(delivery, reason=reason)
-            return
-        service.queue.retry(delivery, delay=delay)
+        elif outcome.action == "retry":
+            queue.retry(delivery, delay=outcome.delay)
+        else:
+            queue.dead_letter(delivery, reason=outcome.reason)
 
     def run(self) -> None:
         """Loop until :meth:`stop`; a job in progress always finishes."""
