@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from kidp.api import Gatekeeper, create_app
 from kidp.auth import TokenVerifier
 from kidp.callbacks import CallbackSender
 from kidp.errors import ValidationFailed
@@ -25,7 +25,10 @@ from kidp.service import BrokerService
 from kidp.settings import Settings
 from kidp.ssrf import Allowlist
 
-PROVIDERS = ("aws",)
+if TYPE_CHECKING:
+    from kidp.api import Gatekeeper
+
+PROVIDERS = ("aws", "onprem")
 
 log = logging.getLogger("kidp.bootstrap")
 
@@ -39,8 +42,17 @@ class Broker:
     scanner: Scanner
     verifier: TokenVerifier
     limiter: RateLimiter
-    app: Gatekeeper
     closers: list[Any] = field(default_factory=list)
+
+    @cached_property
+    def app(self) -> Gatekeeper:
+        """The HTTP API, built on first use: a worker or a scan function never
+        imports the web framework (it is most of a Lambda's cold start)."""
+        from kidp.api import create_app
+
+        return create_app(
+            self.service, verifier=self.verifier, limiter=self.limiter, scanner=self.scanner
+        )
 
     def close(self) -> None:
         """Release clients and connections (in reverse order of creation)."""
@@ -73,6 +85,19 @@ def build_provider(settings: Settings, metrics: Metrics) -> CloudProvider:
             ecs_execution_role_arn=settings.aws_ecs_execution_role_arn,
             on_call=on_call,
         )
+    if name == "onprem":
+        from kidp.providers.onprem import KubernetesProvider
+
+        # The cluster comes from the standard KUBECONFIG (or the in-cluster
+        # service account), as kubectl finds it.
+        return KubernetesProvider(
+            context=settings.kube_context,
+            tag_prefix=settings.tag_prefix,
+            managed_by=settings.managed_by,
+            storage_class=settings.kube_storage_class,
+            namespace_prefix=settings.kube_namespace_prefix,
+            on_call=on_call,
+        )
     raise ValidationFailed(
         f"provider '{name}' is not available in this release; available: {', '.join(PROVIDERS)}"
     )
@@ -85,8 +110,21 @@ def build_store(settings: Settings) -> DeploymentStore:
         from kidp.stores.sql import SqlDeploymentStore
 
         return SqlDeploymentStore(settings.store_url)
+    if scheme == "dynamodb":
+        from kidp.stores.dynamodb import DynamoDbDeploymentStore
+
+        table = urlparse(settings.store_url).netloc
+        if not table:
+            raise ValidationFailed("KIDP_STORE_URL must name the table: dynamodb://<table>")
+        return DynamoDbDeploymentStore(
+            table,
+            region=settings.region,
+            endpoint_url=settings.aws_endpoint_url,
+            deleted_retention_days=settings.deleted_retention_days,
+        )
     raise ValidationFailed(
-        f"KIDP_STORE_URL scheme '{scheme}' is not supported; use sqlite:/// or postgresql://"
+        f"KIDP_STORE_URL scheme '{scheme}' is not supported; "
+        "use sqlite:///, postgresql:// or dynamodb://"
     )
 
 
@@ -100,13 +138,47 @@ def build_queue(settings: Settings, store: DeploymentStore) -> JobQueue:
         if not isinstance(store, SqlDeploymentStore):
             raise ValidationFailed("KIDP_QUEUE_URL is required with this KIDP_STORE_URL")
         return SqlJobQueue(store.engine, max_deliveries=settings.job_max_deliveries)
-    scheme = urlparse(settings.queue_url).scheme
-    raise ValidationFailed(f"KIDP_QUEUE_URL scheme '{scheme}' is not supported yet")
+    url = urlparse(settings.queue_url)
+    if url.scheme == "nats":
+        from kidp.queues.nats import NatsJobQueue
+
+        return NatsJobQueue(
+            settings.queue_url,
+            max_deliveries=settings.job_max_deliveries,
+            ack_wait_seconds=settings.job_lease_seconds,
+        )
+    if url.scheme in ("https", "http") and is_sqs_url(settings.queue_url, settings):
+        from kidp.queues.sqs import SqsJobQueue
+
+        return SqsJobQueue(
+            settings.queue_url,
+            region=settings.region,
+            endpoint_url=settings.aws_endpoint_url,
+            max_deliveries=settings.job_max_deliveries,
+            dead_letter_queue_url=settings.aws_dead_letter_queue_url,
+        )
+    raise ValidationFailed(
+        f"KIDP_QUEUE_URL '{url.scheme}://{url.netloc}' is not supported; use an SQS queue URL "
+        "or nats://host:4222/<stream>, or leave it unset for the store's own table"
+    )
+
+
+def is_sqs_url(queue_url: str, settings: Settings) -> bool:
+    """An SQS queue URL: ``https://sqs.<region>.amazonaws.com/<account>/<name>``, or
+    any URL on the configured AWS endpoint (the emulator in tests)."""
+    host = urlparse(queue_url).netloc
+    endpoint = urlparse(settings.aws_endpoint_url or "").netloc
+    return host.startswith("sqs.") or (bool(endpoint) and host == endpoint)
 
 
 def build_secrets(settings: Settings) -> SecretStore:
     """The secret store: the provider's own cloud store, or the local encrypted file."""
-    kind = settings.secret_store or ("aws" if settings.provider_name == "aws" else "local")
+    default = {"aws": "aws", "onprem": "kubernetes"}.get(settings.provider_name, "local")
+    kind = settings.secret_store or default
+    if kind == "kubernetes":
+        from kidp.secrets.kubernetes import KubernetesSecretStore
+
+        return KubernetesSecretStore(context=settings.kube_context)
     if kind == "aws":
         from kidp.secrets.aws import SecretsManagerStore
 
@@ -116,7 +188,19 @@ def build_secrets(settings: Settings) -> SecretStore:
 
         key = load_or_create_key(settings.state_dir / "secrets.key")
         return LocalSecretStore(settings.state_dir / "secrets.enc", key=key)
-    raise ValidationFailed(f"KIDP_SECRET_STORE '{kind}' is not supported; use aws or local")
+    raise ValidationFailed(
+        f"KIDP_SECRET_STORE '{kind}' is not supported; use aws, kubernetes or local"
+    )
+
+
+def build_limiter(settings: Settings) -> RateLimiter:
+    """Per-caller rate limit counters: in Redis when ``KIDP_REDIS_URL`` is set, so
+    the limit holds across replicas; in process memory otherwise."""
+    if settings.redis_url:
+        from kidp.limiters.redis import RedisRateLimiter
+
+        return RedisRateLimiter(settings.redis_url)
+    return InMemoryRateLimiter()
 
 
 def build_verifier(settings: Settings) -> TokenVerifier:
@@ -137,6 +221,13 @@ def build_verifier(settings: Settings) -> TokenVerifier:
     )
 
 
+def _close_with_broker(adapter: object, closers: list[Any]) -> None:
+    # Only adapters built here are closed here: one handed in belongs to its caller.
+    close = getattr(adapter, "close", None)
+    if callable(close):
+        closers.append(close)
+
+
 def build(
     settings: Settings,
     *,
@@ -150,11 +241,15 @@ def build(
 ) -> Broker:
     """Wire a broker from ``settings``; any adapter given replaces the configured one."""
     metrics = metrics or Metrics()
-    store = store or build_store(settings)
-    queue = queue or build_queue(settings, store)
+    closers: list[Any] = []
+    if store is None:
+        store = build_store(settings)
+        _close_with_broker(store, closers)
+    if queue is None:
+        queue = build_queue(settings, store)
+        _close_with_broker(queue, closers)
     provider = provider or build_provider(settings, metrics)
     secrets = secrets or build_secrets(settings)
-    closers: list[Any] = []
     if sender is None:
         if not settings.callback_secret:
             log.warning(
@@ -179,14 +274,14 @@ def build(
     )
     scanner = Scanner(service)
     verifier = build_verifier(settings)
-    limiter = limiter or InMemoryRateLimiter()
-    app = create_app(service, verifier=verifier, limiter=limiter, scanner=scanner)
+    if limiter is None:
+        limiter = build_limiter(settings)
+        _close_with_broker(limiter, closers)
     return Broker(
         settings=settings,
         service=service,
         scanner=scanner,
         verifier=verifier,
         limiter=limiter,
-        app=app,
         closers=closers,
     )

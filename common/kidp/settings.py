@@ -58,6 +58,13 @@ class Settings(BaseModel):
     aws_db_subnet_group: str | None = None
     aws_cache_subnet_group: str | None = None
     aws_ecs_execution_role_arn: str | None = None
+    aws_dead_letter_queue_url: str | None = None
+    kube_context: str | None = None
+    kube_storage_class: str | None = None
+    kube_namespace_prefix: str = ""
+    redis_url: str | None = Field(default=None, repr=False)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     secret_store: str = ""
     tag_prefix: str = "platform.company.com/"
     managed_by: str = "kidp"
