@@ -397,6 +397,8 @@ class JobKind(StrEnum):
     DELETE = "delete"
     CALLBACK = "callback"
     ROTATE = "rotate"
+    #: Re-read one deployment from the cloud now (a watcher saw its objects change).
+    SYNC = "sync"
 
 
 class Job(BaseModel):

@@ -12,10 +12,8 @@ from collections import defaultdict
 from datetime import date, timedelta
 from typing import Any, Literal
 
-from kidp import pricing
-from kidp.drift import compare
 from kidp.errors import BrokerError, NotFound, ValidationFailed
-from kidp.models import Cost, CostSnapshot, Deployment, Phase, ResourceSpec
+from kidp.models import CostSnapshot, Deployment, Phase
 from kidp.ports import Credentials
 from kidp.service import BrokerService, generate_password, secret_name
 from kidp.tags import DEPLOYMENT_ID, decode
@@ -43,7 +41,7 @@ class Scanner:
         checked = changed = 0
         for deployment in svc.store.list(phases=[Phase.READY], limit=ALL):
             try:
-                resource = svc.provider.get_status(deployment)
+                result = svc.check_drift(deployment)
             except BrokerError as exc:
                 # One resource the cloud will not describe must not stop the scan.
                 log.warning(
@@ -52,52 +50,8 @@ class Scanner:
                 )
                 continue
             checked += 1
-            actual = None if resource.state == "missing" else resource.actual_spec
-            report = compare(deployment.spec.wire(), actual)
-            changes: dict[str, Any] = {
-                "drift_details": report.details,
-                "drift_detected": report.significant,
-                "drift_fingerprint": report.fingerprint,
-            }
-            if actual is not None:
-                changes["actual_spec"] = actual
-                changes["resource_usage"] = resource.resource_usage
-                changes["cost"] = self._cost(deployment, actual)
-            if report.fingerprint == deployment.drift_fingerprint:
-                if any(getattr(deployment, k) != v for k, v in changes.items()):
-                    changes["last_checked_at"] = svc.clock.now()
-                    svc.record(deployment, changes)
-                continue
-            changes["last_checked_at"] = svc.clock.now()
-            if report.significant:
-                svc.metrics.drift_detected.labels(
-                    deployment.namespace, deployment.resource_type.value
-                ).inc()
-                log.warning(
-                    "drift detected",
-                    extra={"deploymentId": deployment.id, "details": report.details},
-                )
-                message = "Drift detected: " + "; ".join(report.details)
-            else:
-                message = "Drift resolved: resource matches the desired spec"
-            changes["message"] = message
-            svc.notify(
-                deployment,
-                changes,
-                {"drift_detected": report.significant, "drift_details": report.details},
-            )
-            changed += 1
+            changed += result
         return {"checked": checked, "changed": changed}
-
-    def _cost(self, deployment: Deployment, actual: dict[str, Any]) -> Cost:
-        """Cost of what actually runs; sizes the catalogue does not know fall back
-        to the desired size rather than guessing a price."""
-        merged = {**deployment.spec.wire(), **actual}
-        try:
-            ResourceSpec.model_validate({"size": merged.get("size")})
-        except ValueError:
-            merged["size"] = deployment.spec.size
-        return pricing.estimate(deployment.provider, deployment.resource_type, merged)
 
     # ---------------------------------------------------------------- orphans
 

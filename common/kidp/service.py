@@ -33,6 +33,7 @@ from typing import Any
 from kidp import catalog, pricing
 from kidp.auth import SCOPE_DELETE, SCOPE_DEPLOY, SCOPE_READ, Caller
 from kidp.callbacks import CallbackSender
+from kidp.drift import compare
 from kidp.errors import (
     BrokerError,
     ConcurrentUpdate,
@@ -50,6 +51,7 @@ from kidp.models import (
     CallbackEvent,
     CallbackPayload,
     CloudResource,
+    Cost,
     DeadLetter,
     DeletionPolicy,
     Deployment,
@@ -624,6 +626,11 @@ class BrokerService:
                 extra={"deploymentId": job.deployment_id, "kind": job.kind.value},
             )
             return
+        if job.kind is JobKind.SYNC:
+            # A sync never owns the deployment (no job token): it only reads the
+            # cloud now instead of at the next poll or scan.
+            self._sync(deployment)
+            return
         if deployment.job_token is not None and job.id != deployment.job_token:
             log.debug("superseded job dropped", extra={"deploymentId": deployment.id})
             return
@@ -642,6 +649,24 @@ class BrokerService:
                 self._delete(deployment)
         except PermanentError as exc:
             self._fail(deployment.id, exc, token=job.id)
+
+    def changed(self, deployment_id: str) -> None:
+        """A watcher saw the cloud objects of ``deployment_id`` change: sync it soon.
+        One waiting sync per deployment: a burst of events is one job."""
+        self._enqueue(
+            Job(kind=JobKind.SYNC, deployment_id=deployment_id, id=f"sync-{deployment_id}")
+        )
+
+    def _sync(self, deployment: Deployment) -> None:
+        if deployment.phase is Phase.READY:
+            self.check_drift(deployment)
+        elif deployment.phase is Phase.PROVISIONING and deployment.cloud_resource_id:
+            resource = self.provider.get_status(deployment)
+            if resource.state == "available":
+                self._ready(deployment, resource)
+            elif resource.state == "failed":
+                reason = resource.message or "cloud resource failed"
+                self._fail(deployment.id, PermanentError(reason), token=None)
 
     def _overdue(self, deployment: Deployment) -> str | None:
         """Why the deployment has run out of time, or None."""
@@ -921,6 +946,58 @@ class BrokerService:
     ) -> Deployment | None:
         """Save ``changes`` and send a callback carrying ``extra`` fields (scans use this)."""
         return self._transition(deployment, changes, notify=True, extra=extra)
+
+    # ------------------------------------------------------------------- drift
+
+    def check_drift(self, deployment: Deployment) -> bool:
+        """Compare one Ready deployment with the cloud and record the result; a
+        callback goes out only when the drift changed. Returns whether it did.
+        Used by the drift scan and by watcher-triggered syncs."""
+        resource = self.provider.get_status(deployment)
+        actual = None if resource.state == "missing" else resource.actual_spec
+        report = compare(deployment.spec.wire(), actual)
+        changes: dict[str, Any] = {
+            "drift_details": report.details,
+            "drift_detected": report.significant,
+            "drift_fingerprint": report.fingerprint,
+        }
+        if actual is not None:
+            changes["actual_spec"] = actual
+            changes["resource_usage"] = resource.resource_usage
+            changes["cost"] = self.cost_of(deployment, actual)
+        if report.fingerprint == deployment.drift_fingerprint:
+            if any(getattr(deployment, k) != v for k, v in changes.items()):
+                changes["last_checked_at"] = self.clock.now()
+                self.record(deployment, changes)
+            return False
+        changes["last_checked_at"] = self.clock.now()
+        if report.significant:
+            self.metrics.drift_detected.labels(
+                deployment.namespace, deployment.resource_type.value
+            ).inc()
+            log.warning(
+                "drift detected", extra={"deploymentId": deployment.id, "details": report.details}
+            )
+            message = "Drift detected: " + "; ".join(report.details)
+        else:
+            message = "Drift resolved: resource matches the desired spec"
+        changes["message"] = message
+        self.notify(
+            deployment,
+            changes,
+            {"drift_detected": report.significant, "drift_details": report.details},
+        )
+        return True
+
+    def cost_of(self, deployment: Deployment, actual: dict[str, Any]) -> Cost:
+        """Cost of what actually runs; sizes the catalogue does not know fall back
+        to the desired size rather than guessing a price."""
+        merged = {**deployment.spec.wire(), **actual}
+        try:
+            ResourceSpec.model_validate({"size": merged.get("size")})
+        except ValueError:
+            merged["size"] = deployment.spec.size
+        return pricing.estimate(deployment.provider, deployment.resource_type, merged)
 
     def _event(self, deployment: Deployment, extra: dict[str, Any]) -> CallbackEvent:
         now = self.clock.now()
