@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import boto3
+import pytest
 from botocore.config import Config
 
 from kidp.models import Phase
@@ -95,3 +96,133 @@ def test_scheduler_runs_reconcile_at_once_and_the_scans_on_their_intervals(
     assert scheduler.run_due() == ["reconcile", "drift", "cost", "rotation"]
     clock.now += 3300
     assert "orphans" in scheduler.run_due()
+
+
+def self_signed(tmp_path: Any) -> tuple[Any, Any]:
+    """A certificate for 127.0.0.1 and its key, as PEM files."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kidp-broker")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+def test_tls_serves_http2_over_tls_1_3_only(make_broker: Any, tmp_path: Any) -> None:
+    import socket
+    import ssl
+
+    import httpx
+
+    from kidp.emulator import free_port
+    from kidp.runtime import EmbeddedBroker
+
+    cert_file, key_file = self_signed(tmp_path)
+    h = make_broker(tls_cert_file=cert_file, tls_key_file=key_file)
+    port = free_port()
+    runtime = EmbeddedBroker(h.broker, port=port, role="api")
+    runtime.start()
+    try:
+        context = ssl.create_default_context(cafile=str(cert_file))
+        with httpx.Client(http2=True, verify=context) as client:
+            response = client.get(f"https://127.0.0.1:{port}/health")
+        assert response.status_code == 200
+        assert response.http_version == "HTTP/2"
+
+        old = ssl.create_default_context(cafile=str(cert_file))
+        old.maximum_version = ssl.TLSVersion.TLSv1_2
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            pytest.raises(ssl.SSLError),
+        ):
+            old.wrap_socket(raw, server_hostname="127.0.0.1")
+    finally:
+        runtime.stop()
+
+
+def test_stop_lets_the_job_in_flight_finish(make_broker: Any) -> None:
+    import threading
+
+    from kidp.runtime import EmbeddedBroker
+
+    h = make_broker(worker_threads=1)
+    provider = h.broker.service.provider
+    entered, release = threading.Event(), threading.Event()
+    deploy = provider.deploy
+
+    def slow_deploy(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        release.wait(10)
+        return deploy(*args, **kwargs)
+
+    provider.deploy = slow_deploy  # type: ignore[method-assign]
+    deployment_id = h.submit().deployment_id
+    runtime = EmbeddedBroker(h.broker, role="worker")
+    runtime.start()
+    assert entered.wait(10), "the worker never started the provision"
+    stopper = threading.Thread(target=runtime.stop)
+    stopper.start()
+    release.set()
+    stopper.join(30)
+    assert not stopper.is_alive()
+    # The provision finished and was acknowledged: the cloud call's result is
+    # recorded, and the job is not waiting to run again.
+    deployment = h.broker.service.store.get(deployment_id)
+    assert deployment is not None
+    assert deployment.phase is Phase.PROVISIONING
+    assert deployment.cloud_resource_id
+    waiting = h.broker.service.queue.receive(max_jobs=10, lease_seconds=60)
+    assert sorted(d.job.kind.value for d in waiting) == ["callback", "poll"]
+
+
+def test_a_sync_job_reports_a_resource_deleted_by_hand_at_once(
+    make_broker: Any, receiver: Any
+) -> None:
+    h = make_broker()
+    deployment_id = h.submit().deployment_id
+    h.drain()
+    assert h.phases()[-1] == "Ready"
+    deployment = h.broker.service.store.get(deployment_id)
+    assert deployment is not None
+    rds = boto3.client("rds", region_name="us-east-1")
+    rds.delete_db_instance(
+        DBInstanceIdentifier=deployment.cloud_resource_id.split(":")[-1],
+        SkipFinalSnapshot=True,
+    )
+    before = len(receiver.log)
+    # What the watcher does on a change: one sync job per deployment, however many events.
+    for _ in range(3):
+        h.broker.service.changed(deployment_id)
+    h.drain()
+    drift = [p for _, p in receiver.log[before:] if p["deploymentId"] == deployment_id]
+    assert len(drift) == 1
+    assert drift[0]["driftDetected"] is True

@@ -21,6 +21,26 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return Settings.from_env(**overrides)
 
 
+def _start_emulator(provider: str, extra: dict[str, Any]) -> Any:
+    """A local stand-in for the provider's cloud, for trying the broker out."""
+    if provider == "onprem":
+        import os
+
+        from kidp.kube_emulator import start_kubernetes_emulator
+
+        kube = start_kubernetes_emulator()
+        # The provider finds the cluster the standard way, through KUBECONFIG.
+        os.environ["KUBECONFIG"] = str(
+            kube.write_kubeconfig(Settings.from_env().state_dir / "kubeconfig")
+        )
+        return kube
+    from kidp.emulator import start_aws_emulator
+
+    aws = start_aws_emulator()
+    extra["aws_endpoint_url"] = aws.endpoint_url
+    return aws
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """API, worker and timers in one process (or one role of them)."""
     from kidp.bootstrap import build
@@ -28,12 +48,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kidp.runtime import EmbeddedBroker
 
     extra: dict[str, Any] = {}
-    emulator = None
+    emulator: Any = None
     if args.emulate:
-        from kidp.emulator import start_aws_emulator
-
-        emulator = start_aws_emulator()
-        extra["aws_endpoint_url"] = emulator.endpoint_url
+        emulator = _start_emulator(_settings(args).provider_name, extra)
     settings = _settings(args, **extra)
     configure_logging(settings.log_level)
     broker = build(settings)
@@ -43,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         json.dumps(
             {
                 "message": "kidp-broker serving",
-                "url": f"http://{args.host}:{args.port}",
+                "url": f"{'https' if settings.tls_cert_file else 'http'}://{args.host}:{args.port}",
                 "role": args.role,
                 "provider": settings.provider_name,
                 "emulated": bool(emulator),
@@ -164,7 +181,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--emulate", action="store_true", help="start an in-process AWS emulator and use it"
     )
-    serve.add_argument("--role", default="all", choices=["all", "api", "worker", "scanner"])
+    serve.add_argument(
+        "--role", default="all", choices=["all", "api", "worker", "watcher", "scanner"]
+    )
     serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="provision and delete a sample database end to end")

@@ -112,6 +112,24 @@ class CloudProvider(Protocol):
         ...
 
 
+class ChangeWatcher(Protocol):
+    """A running watch on the cloud's managed objects (seed 004's watcher)."""
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float = 5.0) -> None: ...
+
+
+@runtime_checkable
+class WatchableProvider(Protocol):
+    """A provider whose cloud can push changes (Kubernetes watches). Providers
+    without one rely on polls and the drift scan."""
+
+    def change_watcher(self, on_change: Callable[[str], None]) -> ChangeWatcher:
+        """A watcher calling ``on_change(deployment_id)`` for every change it sees."""
+        ...
+
+
 class SecretStore(Protocol):
     """Put, reference and rotate credentials in the cloud's secret store."""
 

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kidp.bootstrap import Broker
-from kidp.ports import Delivery
+from kidp.errors import ValidationFailed
+from kidp.ports import ChangeWatcher, Delivery, WatchableProvider
 from kidp.scans import run_scan
 from kidp.work import work
 
 log = logging.getLogger("kidp.runtime")
 
-ROLES = ("all", "api", "worker", "scanner")
+ROLES = ("all", "api", "worker", "watcher", "scanner")
 
 
 class Worker:
@@ -126,6 +127,98 @@ class Scheduler:
         self._stop.set()
 
 
+class PlainServer:
+    """HTTP/1.1 on uvicorn: the fastest Python server for plain HTTP."""
+
+    def __init__(self, app: Any, *, host: str, port: int) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=10,
+            backlog=2048,
+        )
+        self._server = uvicorn.Server(config)
+
+    @property
+    def started(self) -> bool:
+        return bool(self._server.started)
+
+    def run(self) -> None:
+        self._server.run()
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+
+
+class TlsServer:
+    """HTTPS with TLS 1.3 only and HTTP/2 (ALPN h2, then http/1.1), on hypercorn:
+    uvicorn speaks no HTTP/2. Shutdown lets in-flight requests finish."""
+
+    def __init__(self, app: Any, *, host: str, port: int, certfile: str, keyfile: str) -> None:
+        import ssl
+
+        from hypercorn.config import Config
+
+        class Tls13Config(Config):
+            def create_ssl_context(self) -> ssl.SSLContext | None:
+                context: ssl.SSLContext | None = super().create_ssl_context()
+                if context is not None:
+                    context.minimum_version = ssl.TLSVersion.TLSv1_3
+                return context
+
+        config = Tls13Config()
+        config.bind = [f"{host}:{port}"]
+        config.certfile = certfile
+        config.keyfile = keyfile
+        config.alpn_protocols = ["h2", "http/1.1"]
+        config.graceful_timeout = 10.0
+        config.accesslog = None
+        config.errorlog = logging.getLogger("kidp.http")
+        self._config = config
+        self._app = app
+        self.started = False
+        self._loop: Any = None
+        self._stopping: Any = None
+
+    def run(self) -> None:
+        import asyncio
+
+        from hypercorn.asyncio import serve
+
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stopping = asyncio.Event()
+            task = asyncio.ensure_future(
+                serve(self._app, self._config, shutdown_trigger=self._stopping.wait)
+            )
+            while not task.done() and not _listening(self._config.bind[0]):
+                await asyncio.sleep(0.02)
+            self.started = True
+            await task
+
+        asyncio.run(main())
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+
+
+def _listening(bind: str) -> bool:
+    import socket
+
+    host, _, port = bind.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
 @dataclass
 class EmbeddedBroker:
     """API server, workers and scheduler in threads of this process."""
@@ -138,11 +231,20 @@ class EmbeddedBroker:
     threads: list[threading.Thread] = field(default_factory=list)
     server: Any = None
     scheduler: Scheduler | None = None
+    watcher: ChangeWatcher | None = None
 
     def start(self) -> None:
         """Start the parts this role runs; returns once the API listens."""
-        import uvicorn
-
+        if self.role in ("all", "watcher"):
+            provider = self.broker.service.provider
+            if isinstance(provider, WatchableProvider):
+                self.watcher = provider.change_watcher(self.broker.service.changed)
+                self.watcher.start()
+            elif self.role == "watcher":
+                raise ValidationFailed(
+                    f"provider '{provider.name}' has no watch API; its changes are found "
+                    "by polls and the drift scan"
+                )
         if self.role in ("all", "worker"):
             for n in range(self.broker.settings.worker_threads):
                 worker = Worker(self.broker)
@@ -152,16 +254,17 @@ class EmbeddedBroker:
             self.scheduler = Scheduler(self.broker)
             self._spawn("scheduler", self.scheduler.run)
         if self.role in ("all", "api"):
-            config = uvicorn.Config(
-                self.broker.app,
-                host=self.host,
-                port=self.port,
-                log_config=None,
-                access_log=False,
-                timeout_graceful_shutdown=10,
-                backlog=2048,
-            )
-            self.server = uvicorn.Server(config)
+            settings = self.broker.settings
+            if settings.tls_cert_file is not None:
+                self.server = TlsServer(
+                    self.broker.app,
+                    host=self.host,
+                    port=self.port,
+                    certfile=str(settings.tls_cert_file),
+                    keyfile=str(settings.tls_key_file or settings.tls_cert_file),
+                )
+            else:
+                self.server = PlainServer(self.broker.app, host=self.host, port=self.port)
             self._spawn("api", self.server.run)
             deadline = time.monotonic() + 30
             while not self.server.started:
@@ -177,7 +280,9 @@ class EmbeddedBroker:
     def stop(self, timeout: float = 30.0) -> None:
         """Graceful: stop taking requests and jobs, let in-flight jobs finish."""
         if self.server is not None:
-            self.server.should_exit = True
+            self.server.stop()
+        if self.watcher is not None:
+            self.watcher.stop()
         for worker in self.workers:
             worker.stop()
         if self.scheduler is not None:
