@@ -51,6 +51,22 @@ def postgres_url() -> Iterator[str]:
 
 
 @pytest.fixture
+def nats_url() -> str:
+    """The NATS JetStream server on this machine (tests use their own streams)."""
+    host, port = os.environ.get("KIDP_TEST_NATS", "127.0.0.1:4222").split(":")
+    require_service("NATS JetStream", host, int(port))
+    return f"nats://{host}:{port}"
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The Redis server on this machine (tests use their own key prefixes)."""
+    host, port = os.environ.get("KIDP_TEST_REDIS", "127.0.0.1:6379").split(":")
+    require_service("Redis", host, int(port))
+    return f"redis://{host}:{port}/0"
+
+
+@pytest.fixture
 def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fake credentials so no test can reach a real AWS account."""
     for key, value in {
