@@ -13,68 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import time
-from collections.abc import Callable
 
-from common import bearer, broker_process, summary
-
-
-async def load(
-    base: str,
-    method: str,
-    path: str,
-    total: int,
-    concurrency: int,
-    make_body: Callable[[int], dict[str, object]] | None,
-    headers: dict[str, str],
-) -> tuple[list[float], float]:
-    """``total`` requests over ``concurrency`` keep-alive connections.
-
-    A minimal HTTP/1.1 client on asyncio streams: httpx's async pool tops out
-    near 200 requests/s on this machine even against a do-nothing server, so
-    it would measure itself rather than the broker.
-    """
-    host, port = base.removeprefix("http://").split(":")
-    latencies: list[float] = []
-    counter = iter(range(total))
-    failures = 0
-
-    async def caller() -> None:
-        nonlocal failures
-        reader, writer = await asyncio.open_connection(host, int(port))
-        try:
-            for n in counter:
-                body = json.dumps(make_body(n)).encode() if make_body else b""
-                head = [
-                    f"{method} {path} HTTP/1.1",
-                    f"Host: {host}:{port}",
-                    f"Content-Length: {len(body)}",
-                    "Content-Type: application/json",
-                    *(f"{k}: {v}" for k, v in headers.items()),
-                ]
-                started = time.perf_counter()
-                writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-                await writer.drain()
-                status_line = await reader.readline()
-                length = 0
-                while (line := await reader.readline()) not in (b"\r\n", b""):
-                    name, _, value = line.decode("latin-1").partition(":")
-                    if name.lower() == "content-length":
-                        length = int(value)
-                await reader.readexactly(length)
-                latencies.append(time.perf_counter() - started)
-                if int(status_line.split()[1]) >= 400:
-                    failures += 1
-        finally:
-            writer.close()
-
-    started = time.perf_counter()
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
-    wall = time.perf_counter() - started
-    if failures:
-        print(f"  ({failures} responses were errors)")
-    return latencies, wall
+from common import bearer, broker_process, load, summary
 
 
 def provision_body(n: int) -> dict[str, object]:
