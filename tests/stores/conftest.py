@@ -1,0 +1,117 @@
+"""Deployment store fixtures: one ``store`` over every backend, and a record factory.
+
+``store`` runs each contract test (``test_contract.py``) against a SQLite
+file, a fresh PostgreSQL database and a DynamoDB table on moto, all through
+their real clients. Backend-specific tests live in ``test_sql.py`` and
+``test_dynamodb.py``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kidp.models import (
+    DeletionPolicy,
+    Deployment,
+    Phase,
+    ResourceSpec,
+    ResourceType,
+    Size,
+    new_deployment_id,
+)
+from kidp.ports import DeploymentStore
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres), "dynamodb"]
+
+# moto's in-process DynamoDB applies a transaction as check-then-write with
+# no lock, and rolls back by restoring a copy of the whole table, so two
+# threads inside moto at once can interleave in ways DynamoDB never does
+# (each DynamoDB request is atomic). One lock around each request models
+# DynamoDB; the store's own multi-request sequences still interleave freely.
+_MOTO_REQUEST_LOCK = threading.Lock()
+
+
+def new_deployment(
+    name: str = "orders-db",
+    *,
+    namespace: str = "team-a",
+    phase: Phase = Phase.PENDING,
+    request_id: str | None = None,
+    resource_type: ResourceType = ResourceType.DATABASE,
+    **changes: Any,
+) -> Deployment:
+    """A valid deployment record (a fresh id every call)."""
+    return Deployment(
+        id=new_deployment_id(),
+        namespace=namespace,
+        resource_type=resource_type,
+        resource_name=name,
+        team="payments",
+        owner="owner@example.com",
+        application=name,
+        resource_uid="5f0c6a4e-0000-4000-8000-000000000001",
+        callback_url="https://ci.example.com/hook",
+        spec=ResourceSpec(engine="postgresql", version="15", size=Size.MEDIUM),
+        spec_fingerprint="f" * 64,
+        deletion_policy=DeletionPolicy.DELETE,
+        provider="aws",
+        region="eu-west-1",
+        phase=phase,
+        request_id=request_id,
+        **changes,
+    )
+
+
+@pytest.fixture
+def make() -> Callable[..., Deployment]:
+    """The record factory, :func:`new_deployment`."""
+    return new_deployment
+
+
+@pytest.fixture
+def dynamodb_client(aws: None) -> Any:
+    """A boto3 DynamoDB client on moto whose requests run one at a time."""
+    import boto3
+
+    client = boto3.client("dynamodb", region_name="us-east-1")
+    call = client._make_api_call
+
+    def one_at_a_time(operation: str, params: dict[str, Any]) -> Any:
+        with _MOTO_REQUEST_LOCK:
+            return call(operation, params)
+
+    # Every client method and paginator goes through _make_api_call.
+    client._make_api_call = one_at_a_time
+    return client
+
+
+@pytest.fixture
+def dynamodb_store(dynamodb_client: Any) -> Any:
+    """A :class:`DynamoDbDeploymentStore` on a fresh moto table."""
+    from kidp.stores.dynamodb import DynamoDbDeploymentStore
+
+    store = DynamoDbDeploymentStore("kidp-test", region="us-east-1", client=dynamodb_client)
+    store.create_table()
+    return store
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DeploymentStore]:
+    """An empty store: a SQLite file, a fresh PostgreSQL database or a moto table."""
+    if request.param == "dynamodb":
+        yield request.getfixturevalue("dynamodb_store")
+        return
+    from kidp.stores.sql import SqlDeploymentStore
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state' / 'broker.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    sql = SqlDeploymentStore(url)
+    yield sql
+    sql.close()
