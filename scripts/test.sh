@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh dev
+# kubectl (kustomize), checkov, cfn-lint: the infrastructure tests render and scan with them.
+scripts/setup-tools.sh
 exec .venv/bin/pytest "$@"
