@@ -186,7 +186,7 @@ def test_stop_lets_the_job_in_flight_finish(make_broker: Any) -> None:
 
     provider.deploy = slow_deploy  # type: ignore[method-assign]
     deployment_id = h.submit().deployment_id
-    runtime = EmbeddedBroker(h.broker, role="worker")
+    runtime = EmbeddedBroker(h.broker, role="worker", port=0)
     runtime.start()
     assert entered.wait(10), "the worker never started the provision"
     stopper = threading.Thread(target=runtime.stop)
@@ -226,3 +226,26 @@ def test_a_sync_job_reports_a_resource_deleted_by_hand_at_once(
     drift = [p for _, p in receiver.log[before:] if p["deploymentId"] == deployment_id]
     assert len(drift) == 1
     assert drift[0]["driftDetected"] is True
+
+
+def test_roles_without_the_api_serve_their_probes(make_broker: Any) -> None:
+    import httpx
+
+    from kidp.emulator import free_port
+    from kidp.runtime import EmbeddedBroker
+
+    h = make_broker(worker_threads=1)
+    port = free_port()
+    runtime = EmbeddedBroker(h.broker, role="worker", port=port)
+    runtime.start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        health = httpx.get(f"{base}/health", timeout=10)
+        assert health.status_code == 200
+        assert health.json()["status"] == "healthy"
+        assert httpx.get(f"{base}/readiness", timeout=10).json()["ready"] is True
+        assert "kidp_broker_requests_total" in httpx.get(f"{base}/metrics", timeout=10).text
+        # Only probes: the API is not served by a worker.
+        assert httpx.post(f"{base}/v1/provision", json={}, timeout=10).status_code == 501
+    finally:
+        runtime.stop()

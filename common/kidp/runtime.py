@@ -7,6 +7,7 @@ backoff) or dead letter.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -125,6 +126,51 @@ class Scheduler:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+class ProbeServer:
+    """``/health``, ``/readiness`` and ``/metrics`` for roles without the API
+    (worker, watcher, scanner), so their pods are probed and scraped like the
+    api's. Standard library only: three read-only routes need no framework."""
+
+    def __init__(self, broker: Broker, *, host: str, port: int) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        service = broker.service
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, service.metrics.render(), "text/plain; version=0.0.4")
+                    return
+                probe = {"/health": service.health, "/readiness": service.readiness}.get(path)
+                if probe is None:
+                    self._send(404, b'{"error":"not_found","message":"no such probe","code":404}')
+                    return
+                ok, body = probe()
+                self._send(200 if ok else 503, json.dumps(body, default=str).encode())
+
+            def _send(self, status: int, body: bytes, kind: str = "application/json") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return  # probes every few seconds would drown the JSON log
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self.started = True
+
+    def run(self) -> None:
+        self._server.serve_forever(poll_interval=0.5)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 class PlainServer:
@@ -266,6 +312,10 @@ class EmbeddedBroker:
             else:
                 self.server = PlainServer(self.broker.app, host=self.host, port=self.port)
             self._spawn("api", self.server.run)
+        elif self.port:
+            self.server = ProbeServer(self.broker, host=self.host, port=self.port)
+            self._spawn("probes", self.server.run)
+        if isinstance(self.server, (PlainServer, TlsServer)):
             deadline = time.monotonic() + 30
             while not self.server.started:
                 if time.monotonic() > deadline or not self.threads[-1].is_alive():
