@@ -96,6 +96,7 @@ def build_provider(settings: Settings, metrics: Metrics) -> CloudProvider:
             managed_by=settings.managed_by,
             storage_class=settings.kube_storage_class,
             namespace_prefix=settings.kube_namespace_prefix,
+            kafka_cluster=settings.kube_kafka_cluster,
             on_call=on_call,
         )
     raise ValidationFailed(
@@ -178,7 +179,11 @@ def build_secrets(settings: Settings) -> SecretStore:
     if kind == "kubernetes":
         from kidp.secrets.kubernetes import KubernetesSecretStore
 
-        return KubernetesSecretStore(context=settings.kube_context)
+        return KubernetesSecretStore(
+            context=settings.kube_context,
+            namespace_prefix=settings.kube_namespace_prefix,
+            tag_prefix=settings.tag_prefix,
+        )
     if kind == "aws":
         from kidp.secrets.aws import SecretsManagerStore
 

@@ -62,6 +62,7 @@ class Settings(BaseModel):
     kube_context: str | None = None
     kube_storage_class: str | None = None
     kube_namespace_prefix: str = ""
+    kube_kafka_cluster: str | None = None
     redis_url: str | None = Field(default=None, repr=False)
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None

@@ -672,7 +672,7 @@ def test_the_provisioner_can_manage_every_kind_the_provider_creates(render: Any)
 
 
 def test_the_reader_can_watch_what_the_watcher_watches(render: Any) -> None:
-    watch = pytest.importorskip("kidp.providers.onprem_watch")
+    watch = pytest.importorskip("kidp.providers.onprem")
     groups = {"AppsV1Api": "apps", "CoreV1Api": ""}
     rules = _rules(render("overlays/production"), "kidp-broker-reader")
     for kind in watch.WATCHED_KINDS:
@@ -1228,17 +1228,12 @@ def _groups_by_plural() -> dict[str, set[str]]:
     return groups
 
 
-#: A call the api makes today that its role deliberately does not grant: see
-#: test_the_api_role_reads_no_secrets.
-KNOWN_READER_GAPS = {("secrets", "get")}
-
-
 def test_rbac_allows_every_call_the_provider_makes(render: Any) -> None:
     calls = _lifecycle_calls()
     groups = _groups_by_plural()
     objects = render("overlays/production")
     for role, recorded in (
-        ("kidp-broker-reader", calls["reader"] - KNOWN_READER_GAPS),
+        ("kidp-broker-reader", calls["reader"]),
         ("kidp-broker-provisioner", calls["all"]),
     ):
         rules = _rules(objects, role)
@@ -1254,15 +1249,6 @@ def test_rbac_allows_every_call_the_provider_makes(render: Any) -> None:
         assert (path, "create") in calls["all"], path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "KubernetesProvider.validate_quota (run by the api) GETs the connection Secret "
-        "to avoid counting it twice; the api's ServiceAccount may not read Secrets, so "
-        "the GET is refused (403). The provider should count the Secret when it cannot "
-        "read it instead. Remove this xfail, and KNOWN_READER_GAPS, once it does."
-    ),
-)
 def test_the_api_role_reads_no_secrets() -> None:
     reader_calls = _lifecycle_calls()["reader"]
     assert not {call for call in reader_calls if call[0] == "secrets"}
