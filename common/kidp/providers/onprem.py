@@ -238,6 +238,10 @@ def _retry_after(headers: Any, default: float) -> float:
         return default
 
 
+def _what(kind: Kind, namespace: str, name: str) -> str:
+    return f"{kind.kind} {namespace}/{name}"
+
+
 class KubeApi:
     """The typed APIs of one ``ApiClient``, one call wrapper and the error
     mapping. Every object in and out is a plain wire dict (camelCase keys)."""
@@ -372,28 +376,39 @@ class KubeApi:
     def _typed(self, kind: Kind) -> Any:
         return self.apps if kind.api_version == "apps/v1" else self.core
 
+    def _namespaced(
+        self,
+        verb: str,
+        kind: Kind,
+        namespace: str,
+        name: str | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        """The client method for ``verb`` (the typed API's: read, create, patch,
+        delete, list) on ``kind`` in ``namespace``, and its positional arguments.
+
+        Custom resources go through ``CustomObjectsApi``, addressed by group,
+        version and plural (its ``read`` is named ``get``); the typed APIs take
+        the name before the namespace. Both differences live here alone, so each
+        verb below is a single call whatever the kind.
+        """
+        operands = () if name is None else (name,)
+        if kind.snake is None:
+            custom_verb = "get" if verb == "read" else verb
+            method = getattr(self.custom, f"{custom_verb}_namespaced_custom_object")
+            args: tuple[Any, ...] = (kind.group, kind.version, namespace, kind.plural, *operands)
+        else:
+            method = getattr(self._typed(kind), f"{verb}_namespaced_{kind.snake}")
+            args = (*operands, namespace)
+        return method, args if body is None else (*args, body)
+
     def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
-        what = f"{kind.kind} {namespace}/{name}"
+        method, args = self._namespaced("read", kind, namespace, name)
         try:
-            if kind.snake is None:
-                found = self.call(
-                    kind.plural,
-                    "get",
-                    self.custom.get_namespaced_custom_object,
-                    kind.group,
-                    kind.version,
-                    namespace,
-                    kind.plural,
-                    name,
-                    expect=(404,),
-                    what=what,
-                )
-            else:
-                method = getattr(self._typed(kind), f"read_namespaced_{kind.snake}")
-                found = self.call(
-                    kind.plural, "get", method, name, namespace, expect=(404,), what=what
-                )
+            found = self.call(
+                kind.plural, "get", method, *args, expect=(404,), what=_what(kind, namespace, name)
+            )
         except Refused:
             return None
         return dict(found) if isinstance(found, dict) else None
@@ -407,34 +422,12 @@ class KubeApi:
         secrets: Collection[str] = (),
     ) -> dict[str, Any]:
         """Create ``body``; raises :class:`AlreadyExists` on 409."""
-        what = f"{kind.kind} {namespace}/{body['metadata']['name']}"
+        what = _what(kind, namespace, body["metadata"]["name"])
+        method, args = self._namespaced("create", kind, namespace, body=body)
         try:
-            if kind.snake is None:
-                created = self.call(
-                    kind.plural,
-                    "create",
-                    self.custom.create_namespaced_custom_object,
-                    kind.group,
-                    kind.version,
-                    namespace,
-                    kind.plural,
-                    body,
-                    expect=(409,),
-                    secrets=secrets,
-                    what=what,
-                )
-            else:
-                method = getattr(self._typed(kind), f"create_namespaced_{kind.snake}")
-                created = self.call(
-                    kind.plural,
-                    "create",
-                    method,
-                    namespace,
-                    body,
-                    expect=(409,),
-                    secrets=secrets,
-                    what=what,
-                )
+            created = self.call(
+                kind.plural, "create", method, *args, expect=(409,), secrets=secrets, what=what
+            )
         except Refused as refused:
             raise self.temporary(f"create {what} conflicted: {refused.message}") from None
         return dict(created or {})
@@ -449,68 +442,31 @@ class KubeApi:
         secrets: Collection[str] = (),
     ) -> dict[str, Any]:
         """JSON merge patch (RFC 7386) of one object."""
-        what = f"{kind.kind} {namespace}/{name}"
-        content = "application/merge-patch+json"
-        if kind.snake is None:
-            patched = self.call(
-                kind.plural,
-                "patch",
-                self.custom.patch_namespaced_custom_object,
-                kind.group,
-                kind.version,
-                namespace,
-                kind.plural,
-                name,
-                body,
-                secrets=secrets,
-                what=what,
-                _content_type=content,
-            )
-        else:
-            method = getattr(self._typed(kind), f"patch_namespaced_{kind.snake}")
-            patched = self.call(
-                kind.plural,
-                "patch",
-                method,
-                name,
-                namespace,
-                body,
-                secrets=secrets,
-                what=what,
-                _content_type=content,
-            )
+        method, args = self._namespaced("patch", kind, namespace, name, body)
+        patched = self.call(
+            kind.plural,
+            "patch",
+            method,
+            *args,
+            secrets=secrets,
+            what=_what(kind, namespace, name),
+            _content_type="application/merge-patch+json",
+        )
         return dict(patched or {})
 
     def delete(self, kind: Kind, namespace: str, name: str) -> bool:
         """Delete one object (dependents in the background); False if it was gone."""
-        what = f"{kind.kind} {namespace}/{name}"
+        method, args = self._namespaced("delete", kind, namespace, name)
         try:
-            if kind.snake is None:
-                self.call(
-                    kind.plural,
-                    "delete",
-                    self.custom.delete_namespaced_custom_object,
-                    kind.group,
-                    kind.version,
-                    namespace,
-                    kind.plural,
-                    name,
-                    expect=(404,),
-                    what=what,
-                    propagation_policy="Background",
-                )
-            else:
-                method = getattr(self._typed(kind), f"delete_namespaced_{kind.snake}")
-                self.call(
-                    kind.plural,
-                    "delete",
-                    method,
-                    name,
-                    namespace,
-                    expect=(404,),
-                    what=what,
-                    propagation_policy="Background",
-                )
+            self.call(
+                kind.plural,
+                "delete",
+                method,
+                *args,
+                expect=(404,),
+                what=_what(kind, namespace, name),
+                propagation_policy="Background",
+            )
         except Refused:
             return False
         return True
@@ -524,64 +480,36 @@ class KubeApi:
         field_selector: str | None = None,
     ) -> builtins.list[dict[str, Any]]:
         """Every object of ``kind`` in ``namespace`` (None: all namespaces), paged."""
+        method: Callable[..., Any]
+        args: tuple[Any, ...]
+        if namespace is not None:
+            method, args = self._namespaced("list", kind, namespace)
+            what = f"{kind.plural} in {namespace}"
+        elif kind.snake is None:
+            method = self.custom.list_custom_object_for_all_namespaces
+            args = (kind.group, kind.version, kind.plural)
+            what = f"{kind.plural} in all namespaces"
+        else:
+            method = getattr(self._typed(kind), f"list_{kind.snake}_for_all_namespaces")
+            args = ()
+            what = kind.plural
+        params: dict[str, Any] = {"limit": 500}
+        if label_selector:
+            params["label_selector"] = label_selector
+        if field_selector:
+            params["field_selector"] = field_selector
         items: builtins.list[dict[str, Any]] = []
-        token: str | None = None
-        where = namespace or "all namespaces"
         while True:
-            params: dict[str, Any] = {"limit": 500}
-            if label_selector:
-                params["label_selector"] = label_selector
-            if field_selector:
-                params["field_selector"] = field_selector
-            if token:
-                params["_continue"] = token
-            if kind.snake is None:
-                if namespace is None:
-                    page = self.call(
-                        kind.plural,
-                        "list",
-                        self.custom.list_custom_object_for_all_namespaces,
-                        kind.group,
-                        kind.version,
-                        kind.plural,
-                        what=f"{kind.plural} in {where}",
-                        **params,
-                    )
-                else:
-                    page = self.call(
-                        kind.plural,
-                        "list",
-                        self.custom.list_namespaced_custom_object,
-                        kind.group,
-                        kind.version,
-                        namespace,
-                        kind.plural,
-                        what=f"{kind.plural} in {where}",
-                        **params,
-                    )
-            elif namespace is None:
-                method = getattr(self._typed(kind), f"list_{kind.snake}_for_all_namespaces")
-                page = self.call(kind.plural, "list", method, what=kind.plural, **params)
-            else:
-                method = getattr(self._typed(kind), f"list_namespaced_{kind.snake}")
-                page = self.call(
-                    kind.plural,
-                    "list",
-                    method,
-                    namespace,
-                    what=f"{kind.plural} in {where}",
-                    **params,
-                )
-            page = page or {}
+            page = self.call(kind.plural, "list", method, *args, what=what, **params) or {}
             items.extend(dict(item) for item in page.get("items") or [])
             token = (page.get("metadata") or {}).get("continue") or None
             if not token:
                 return items
+            params["_continue"] = token
 
     # --- namespaces ----------------------------------------------------------
 
-    def ensure_namespace(self, name: str, labels: Mapping[str, str]) -> bool:
-        """Create namespace ``name`` (labelled) unless it exists; True if created."""
+    def _read_namespace(self, name: str) -> dict[str, Any] | None:
         try:
             found = self.call(
                 "namespaces",
@@ -592,7 +520,12 @@ class KubeApi:
                 what=f"Namespace {name}",
             )
         except Refused:
-            found = None
+            return None
+        return dict(found) if isinstance(found, dict) else None
+
+    def ensure_namespace(self, name: str, labels: Mapping[str, str]) -> bool:
+        """Create namespace ``name`` (labelled) unless it exists; True if created."""
+        found = self._read_namespace(name)
         if found is not None:
             if (found.get("status") or {}).get("phase") == "Terminating":
                 raise self.temporary(
@@ -615,18 +548,8 @@ class KubeApi:
         return True
 
     def namespace_exists(self, name: str) -> bool:
-        try:
-            self.call(
-                "namespaces",
-                "get",
-                self.core.read_namespace,
-                name,
-                expect=(404,),
-                what=f"Namespace {name}",
-            )
-        except Refused:
-            return False
-        return True
+        """True when namespace ``name`` exists (terminating or not)."""
+        return self._read_namespace(name) is not None
 
     # --- discovery -------------------------------------------------------------
 
