@@ -1,4 +1,4 @@
-"""The on-prem topology under load: two api replicas, two workers and a watcher
+"""The on-prem topology under load: two api replicas, two workers, a watcher and a scanner
 (separate processes) sharing PostgreSQL and NATS JetStream, provisioning into
 the Kubernetes stand-in.
 
@@ -139,7 +139,7 @@ def main() -> None:
         with psycopg.connect(ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
     print(
-        f"on-prem: 2 api replicas + 2 workers + watcher (processes), PostgreSQL store, "
+        f"on-prem: 2 api replicas + 2 workers + watcher + scanner (processes), PostgreSQL store, "
         f"NATS JetStream queue, Kubernetes stand-in; {args.concurrency} concurrent callers, "
         "2 cores shared with the load generator"
     )

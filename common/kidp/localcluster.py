@@ -1,5 +1,5 @@
 """The on-prem topology on one machine: a Kubernetes stand-in, api replicas,
-workers and a watcher, each a separate ``kidp-broker serve`` process sharing
+workers, a watcher and a scanner, each a separate ``kidp-broker serve`` process sharing
 PostgreSQL and NATS JetStream, as the manifests in ``infra/onprem`` run them.
 
 The scale and fault tests and ``bench/onprem.py`` use it: processes can be
@@ -51,6 +51,10 @@ class LocalCluster:
     api_replicas: int = 2
     workers: int = 2
     watcher: bool = True
+    #: The scanner runs reconcile, which re-creates the job or callback a
+    #: worker killed between saving a deployment and enqueueing its next job
+    #: took with it; without one such a deployment waits forever.
+    scanner: bool = True
     redis_url: str | None = None
     kube_ready_delay: float = 0.2
     processes: list[BrokerProcess] = field(default_factory=list)
@@ -94,6 +98,8 @@ class LocalCluster:
             self.processes.append(self._broker("worker", f"worker-{n}"))
         if self.watcher:
             self.processes.append(self._broker("watcher", "watcher"))
+        if self.scanner:
+            self.processes.append(self._broker("scanner", "scanner"))
         for proc in self.processes:
             self.launch(proc)
         for proc in self.processes:
