@@ -108,6 +108,17 @@ def custom(kube: KubeEmulator) -> Any:
     return client.CustomObjectsApi(kube.api_client())
 
 
+def selected_pods(labels: dict[str, str], container: Any) -> dict[str, Any]:
+    """A workload's ``selector`` and one-container pod ``template``, both on ``labels``."""
+    return {
+        "selector": client.V1LabelSelector(match_labels=labels),
+        "template": client.V1PodTemplateSpec(
+            metadata=client.V1ObjectMeta(labels=labels),
+            spec=client.V1PodSpec(containers=[container]),
+        ),
+    }
+
+
 def statefulset(
     name: str,
     *,
@@ -117,28 +128,21 @@ def statefulset(
     cpu: str = "250m",
 ) -> Any:
     labels = labels or {"app": name}
+    container = client.V1Container(
+        name="db",
+        image=image,
+        resources=client.V1ResourceRequirements(
+            requests={"cpu": cpu, "memory": "256Mi"},
+            limits={"cpu": cpu, "memory": "256Mi"},
+        ),
+        volume_mounts=[client.V1VolumeMount(name="data", mount_path="/data")],
+    )
     return client.V1StatefulSet(
         metadata=client.V1ObjectMeta(name=name, labels=labels),
         spec=client.V1StatefulSetSpec(
             replicas=replicas,
             service_name=name,
-            selector=client.V1LabelSelector(match_labels=labels),
-            template=client.V1PodTemplateSpec(
-                metadata=client.V1ObjectMeta(labels=labels),
-                spec=client.V1PodSpec(
-                    containers=[
-                        client.V1Container(
-                            name="db",
-                            image=image,
-                            resources=client.V1ResourceRequirements(
-                                requests={"cpu": cpu, "memory": "256Mi"},
-                                limits={"cpu": cpu, "memory": "256Mi"},
-                            ),
-                            volume_mounts=[client.V1VolumeMount(name="data", mount_path="/data")],
-                        )
-                    ]
-                ),
-            ),
+            **selected_pods(labels, container),
             volume_claim_templates=[
                 client.V1PersistentVolumeClaim(
                     metadata=client.V1ObjectMeta(name="data"),
@@ -154,24 +158,12 @@ def statefulset(
 
 def deployment(name: str, *, image: str = "nginx:1.27", replicas: int = 2) -> Any:
     labels = {"app": name}
+    container = client.V1Container(
+        name="web", image=image, ports=[client.V1ContainerPort(container_port=8080)]
+    )
     return client.V1Deployment(
         metadata=client.V1ObjectMeta(name=name, labels=labels),
-        spec=client.V1DeploymentSpec(
-            replicas=replicas,
-            selector=client.V1LabelSelector(match_labels=labels),
-            template=client.V1PodTemplateSpec(
-                metadata=client.V1ObjectMeta(labels=labels),
-                spec=client.V1PodSpec(
-                    containers=[
-                        client.V1Container(
-                            name="web",
-                            image=image,
-                            ports=[client.V1ContainerPort(container_port=8080)],
-                        )
-                    ]
-                ),
-            ),
-        ),
+        spec=client.V1DeploymentSpec(replicas=replicas, **selected_pods(labels, container)),
     )
 
 
@@ -799,61 +791,47 @@ def test_crd_installation_makes_the_group_served() -> None:
         emu.install_operator_crds()
         custom_api = client.CustomObjectsApi(api)
         emu.create_namespace("db")
-        custom_api.create_namespaced_custom_object(
-            "acid.zalan.do",
-            "v1",
-            "db",
-            "postgresqls",
-            {
-                "apiVersion": "acid.zalan.do/v1",
-                "kind": "postgresql",
-                "metadata": {"name": "acid-orders"},
-                "spec": {
-                    "teamId": "acid",
-                    "numberOfInstances": 2,
-                    "volume": {"size": "5Gi"},
-                    "users": {"orders": []},
-                    "postgresql": {"version": "15"},
+
+        def create_postgresql(name: str, spec: dict[str, Any]) -> None:
+            custom_api.create_namespaced_custom_object(
+                "acid.zalan.do",
+                "v1",
+                "db",
+                "postgresqls",
+                {
+                    "apiVersion": "acid.zalan.do/v1",
+                    "kind": "postgresql",
+                    "metadata": {"name": name},
+                    "spec": spec,
                 },
+            )
+
+        def postgresql_status(name: str) -> Any:
+            found = custom_api.get_namespaced_custom_object(
+                "acid.zalan.do", "v1", "db", "postgresqls", name
+            )
+            return found.get("status", {}).get("PostgresClusterStatus")
+
+        create_postgresql(
+            "acid-orders",
+            {
+                "teamId": "acid",
+                "numberOfInstances": 2,
+                "volume": {"size": "5Gi"},
+                "users": {"orders": []},
+                "postgresql": {"version": "15"},
             },
         )
-        running = wait_for(
-            lambda: (
-                (
-                    custom_api.get_namespaced_custom_object(
-                        "acid.zalan.do", "v1", "db", "postgresqls", "acid-orders"
-                    ).get("status", {})
-                ).get("PostgresClusterStatus")
-                == "Running"
-            )
-        )
-        assert running
+        wait_for(lambda: postgresql_status("acid-orders") == "Running")
         secrets = {
             s.metadata.name for s in client.CoreV1Api(api).list_namespaced_secret("db").items
         }
         assert "orders.acid-orders.credentials.postgresql.acid.zalan.do" in secrets
-        custom_api.create_namespaced_custom_object(
-            "acid.zalan.do",
-            "v1",
-            "db",
-            "postgresqls",
-            {
-                "apiVersion": "acid.zalan.do/v1",
-                "kind": "postgresql",
-                "metadata": {"name": "orders"},
-                "spec": {"teamId": "acid", "numberOfInstances": 1, "volume": {"size": "1Gi"}},
-            },
+        # The operator refuses a cluster whose name does not start with its team.
+        create_postgresql(
+            "orders", {"teamId": "acid", "numberOfInstances": 1, "volume": {"size": "1Gi"}}
         )
-        wait_for(
-            lambda: (
-                custom_api.get_namespaced_custom_object(
-                    "acid.zalan.do", "v1", "db", "postgresqls", "orders"
-                )
-                .get("status", {})
-                .get("PostgresClusterStatus")
-                == "Invalid"
-            )
-        )
+        wait_for(lambda: postgresql_status("orders") == "Invalid")
 
         custom_api.create_namespaced_custom_object(
             "kafka.strimzi.io",

@@ -116,6 +116,7 @@ import hashlib
 import importlib
 import json
 import math
+import operator
 import queue
 import random
 import re
@@ -127,13 +128,13 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 from urllib.parse import parse_qs, unquote, urlsplit
 
 __all__ = [
@@ -475,37 +476,30 @@ class KubeEmulator:
             self.cluster.pod_usage[(namespace, pod, container)] = (cpu, memory)
 
 
+class _EmulatorOptions(TypedDict, total=False):
+    """The keyword options of :class:`KubeEmulator`, named once for what passes them on."""
+
+    ready_delay: float
+    token: str | None
+    metrics: bool
+    history_limit: int
+    seed: int
+    bookmark_interval: float
+    state_file: str | Path | None
+
+
 def start_kubernetes_emulator(
-    host: str = "127.0.0.1",
-    port: int = 0,
-    *,
-    ready_delay: float = 0.2,
-    token: str | None = "kidp-test-token",  # noqa: S107 - a test stand-in's default
-    metrics: bool = True,
-    history_limit: int = 10_000,
-    seed: int = 0,
-    bookmark_interval: float = 5.0,
-    state_file: str | Path | None = None,
+    host: str = "127.0.0.1", port: int = 0, **options: Unpack[_EmulatorOptions]
 ) -> KubeEmulator:
     """Start an emulated Kubernetes API server on a thread; returns once it listens.
 
-    ``port=0`` picks a free port (see ``.url``). ``token=None`` accepts any
+    ``port=0`` picks a free port (see ``.url``). ``options`` are those of
+    :class:`KubeEmulator`, with its defaults. ``token=None`` accepts any
     request; otherwise ``Authorization: Bearer <token>`` is required.
     ``history_limit`` bounds the watch history (older resourceVersions get 410).
     ``state_file``: load objects from it at start when it exists, save at stop.
     """
-    emulator = KubeEmulator(
-        host=host,
-        port=port,
-        ready_delay=ready_delay,
-        token=token,
-        metrics=metrics,
-        history_limit=history_limit,
-        seed=seed,
-        bookmark_interval=bookmark_interval,
-        state_file=state_file,
-    )
-    return emulator.start()
+    return KubeEmulator(host=host, port=port, **options).start()
 
 
 # --------------------------------------------------------------------------------------
@@ -1378,9 +1372,10 @@ def _pointer(path: str) -> list[str]:
     return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
 
 
-def _container(doc: Any, parts: list[str], path: str) -> Any:
+def _walk(doc: Any, parts: list[str], path: str) -> Any:
+    """The value at ``parts`` inside ``doc``; ``path`` names the whole pointer in errors."""
     current = doc
-    for part in parts[:-1]:
+    for part in parts:
         if isinstance(current, dict) and part in current:
             current = current[part]
         elif isinstance(current, list) and part.isdigit() and int(part) < len(current):
@@ -1402,22 +1397,14 @@ def _list_index(target: list[Any], part: str, path: str, *, insert: bool) -> int
 
 
 def _get_path(doc: Any, path: str) -> Any:
-    current = doc
-    for part in _pointer(path):
-        if isinstance(current, dict) and part in current:
-            current = current[part]
-        elif isinstance(current, list) and part.isdigit() and int(part) < len(current):
-            current = current[int(part)]
-        else:
-            raise _JsonPatchError(f"doc is missing path: {path!r}")
-    return current
+    return _walk(doc, _pointer(path), path)
 
 
 def _remove_path(doc: Any, path: str) -> Any:
     parts = _pointer(path)
     if not parts:
         raise _JsonPatchError("cannot remove the whole document")
-    parent = _container(doc, parts, path)
+    parent = _walk(doc, parts[:-1], path)
     last = parts[-1]
     if isinstance(parent, dict):
         if last not in parent:
@@ -1432,7 +1419,7 @@ def _add_path(doc: Any, path: str, value: Any) -> Any:
     parts = _pointer(path)
     if not parts:
         return value
-    parent = _container(doc, parts, path)
+    parent = _walk(doc, parts[:-1], path)
     last = parts[-1]
     if isinstance(parent, dict):
         parent[last] = value
@@ -1462,7 +1449,7 @@ def json_patch(doc: Any, operations: Any) -> Any:
                 continue
             _get_path(result, path)
             parts = _pointer(path)
-            parent = _container(result, parts, path)
+            parent = _walk(result, parts[:-1], path)
             if isinstance(parent, list):
                 parent[_list_index(parent, parts[-1], path, insert=False)] = copy.deepcopy(
                     op.get("value")
@@ -1480,6 +1467,23 @@ def json_patch(doc: Any, operations: Any) -> Any:
         else:
             raise _JsonPatchError(f"Unexpected kind: {kind}")
     return result
+
+
+def _apply_patch(media_type: str, target: Any, patch: Any, *, strategic: bool) -> Any:
+    """``patch`` applied to ``target`` as its media type says; a merge patch otherwise.
+
+    ``strategic`` says whether a strategic merge patch is honoured as one (the
+    Scale subresource here reads it as a merge patch). A patch that does not
+    apply is 422 Invalid, as on the real server.
+    """
+    try:
+        if media_type == "application/json-patch+json":
+            return json_patch(target, patch)
+        if strategic and media_type == "application/strategic-merge-patch+json":
+            return strategic_merge_patch(target, patch)
+        return merge_patch(target, patch)
+    except _JsonPatchError as exc:
+        raise ApiError(422, "Invalid", str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------
@@ -1771,6 +1775,14 @@ class _Cluster:
         found.sort(key=lambda item: item[0])
         return [obj for _, obj in found]
 
+    def stored(self) -> Iterator[tuple[ResourceType, JSON]]:
+        """Every stored object of a served type, from a copy of the store taken per
+        type, so that the caller may remove objects as it goes."""
+        for key, bucket in list(self.objects.items()):
+            rt = self.types.get(key)
+            if rt is not None:
+                yield from ((rt, obj) for obj in list(bucket.values()))
+
     def lookup_uid(self, uid: str) -> JSON | None:
         found = self.by_uid.get(uid)
         if found is None:
@@ -2045,15 +2057,7 @@ class _Cluster:
                 raise _not_found(rt, name)
             if self.faults.take_conflict(rt, namespace, name):
                 raise _conflict(rt, name)
-            try:
-                if kind == "application/json-patch+json":
-                    patched = json_patch(current, body)
-                elif kind == "application/strategic-merge-patch+json":
-                    patched = strategic_merge_patch(current, body)
-                else:
-                    patched = merge_patch(current, body)
-            except _JsonPatchError as exc:
-                raise ApiError(422, "Invalid", str(exc)) from None
+            patched = _apply_patch(kind, current, body, strategic=True)
             if not isinstance(patched, dict):
                 raise ApiError(422, "Invalid", "the patched object is not a JSON object")
             meta = _meta(patched)
@@ -2565,29 +2569,17 @@ class _Cluster:
                         resources.pop("limits")
                     if not requests:
                         resources.pop("requests")
-                    for res, value in (item.get("max") or {}).items():
-                        got = limits.get(res)
-                        if got is None:
-                            problems.append(
-                                f"maximum {res} usage per Container is {value}.  "
-                                "No limit is specified"
+                    # A maximum bounds the limit, a minimum the request.
+                    for bound, word, given in (
+                        ("max", "limit", limits),
+                        ("min", "request", requests),
+                    ):
+                        for res, value in (item.get(bound) or {}).items():
+                            problem = _range_problem(
+                                bound, "Container", res, value, word, given.get(res)
                             )
-                        elif parse_quantity(got) > parse_quantity(value):
-                            problems.append(
-                                f"maximum {res} usage per Container is {value}, but limit is {got}"
-                            )
-                    for res, value in (item.get("min") or {}).items():
-                        got = requests.get(res)
-                        if got is None:
-                            problems.append(
-                                f"minimum {res} usage per Container is {value}.  "
-                                "No request is specified"
-                            )
-                        elif parse_quantity(got) < parse_quantity(value):
-                            problems.append(
-                                f"minimum {res} usage per Container is {value}, "
-                                f"but request is {got}"
-                            )
+                            if problem:
+                                problems.append(problem)
         return problems
 
     def _limit_claim(self, namespace: str, spec: JSON) -> list[str]:
@@ -2599,18 +2591,13 @@ class _Cluster:
             for item in limit_range.get("spec", {}).get("limits") or []:
                 if item.get("type") != "PersistentVolumeClaim":
                     continue
-                high = (item.get("max") or {}).get("storage")
-                low = (item.get("min") or {}).get("storage")
-                if high and parse_quantity(requested) > parse_quantity(high):
-                    problems.append(
-                        f"maximum storage usage per PersistentVolumeClaim is {high}, but request "
-                        f"is {requested}"
+                for bound in ("max", "min"):
+                    value = (item.get(bound) or {}).get("storage")
+                    problem = value and _range_problem(
+                        bound, "PersistentVolumeClaim", "storage", value, "request", requested
                     )
-                if low and parse_quantity(requested) < parse_quantity(low):
-                    problems.append(
-                        f"minimum storage usage per PersistentVolumeClaim is {low}, but request "
-                        f"is {requested}"
-                    )
+                    if problem:
+                        problems.append(problem)
         return problems
 
     def _usage_of(self, rt: ResourceType, obj: JSON, key: str) -> Fraction:
@@ -2748,6 +2735,22 @@ class _Cluster:
 # --------------------------------------------------------------------------------------
 # Defaulting and validation helpers
 # --------------------------------------------------------------------------------------
+
+
+def _range_problem(
+    bound: str, per: str, res: str, value: str, word: str, got: str | None
+) -> str | None:
+    """Why ``got`` (a limit or request, by ``word``) breaks a LimitRange ``min`` or ``max``.
+
+    None when it keeps within the bound; the wording is the LimitRanger's.
+    """
+    adjective, beyond = ("maximum", operator.gt) if bound == "max" else ("minimum", operator.lt)
+    rule = f"{adjective} {res} usage per {per} is {value}"
+    if got is None:
+        return f"{rule}.  No {word} is specified"
+    if beyond(parse_quantity(got), parse_quantity(value)):
+        return f"{rule}, but {word} is {got}"
+    return None
 
 
 def _canon_or_400(value: Any) -> str:
@@ -3142,6 +3145,44 @@ def _template_hash(value: Any) -> str:
     return "".join(_HASH_ALPHABET[b % len(_HASH_ALPHABET)] for b in digest[:10])
 
 
+def _pod_condition(kind: str, status: str, stamp: str, **why: str) -> JSON:
+    """A pod condition as the kubelet writes it; ``why`` is a ``reason`` and ``message``."""
+    return {
+        "type": kind,
+        "status": status,
+        "lastProbeTime": None,
+        "lastTransitionTime": stamp,
+        **why,
+    }
+
+
+def _waiting_status(container: JSON, waiting: JSON) -> JSON:
+    """The status of a container that has not started, waiting for ``waiting["reason"]``."""
+    return {
+        "name": container.get("name"),
+        "image": container.get("image"),
+        "imageID": "",
+        "ready": False,
+        "started": False,
+        "restartCount": 0,
+        "state": {"waiting": waiting},
+        "lastState": {},
+    }
+
+
+def _owned(name: str, namespace: str, labels: JSON, owner: list[JSON], **fields: Any) -> JSON:
+    """A manifest an operator writes: named, labelled and owned by its custom resource."""
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": labels,
+            "ownerReferences": owner,
+        },
+        **fields,
+    }
+
+
 def _owner_ref(rt: ResourceType, obj: JSON, *, controller: bool = True) -> JSON:
     return {
         "apiVersion": rt.group_version,
@@ -3256,9 +3297,12 @@ class _Controllers:
         self.namespaces()
         self.garbage_collect()
         self.operators(now)
-        self.deployments(now)
-        self.replicasets(now)
-        self.statefulsets(now)
+        for deployment in self.live(_DEPLOY):
+            self.deployment(deployment, now)
+        for rs in self.live(_RS):
+            self.replicaset(rs, now)
+        for sts in self.live(_STS):
+            self.statefulset(sts, now)
         self.pods(now)
         self.claims()
         self.quotas()
@@ -3348,11 +3392,47 @@ class _Controllers:
         updated["status"] = status
         return self.c.put(rt, updated, obj)
 
+    def live(self, rt: ResourceType) -> list[JSON]:
+        """The objects of one type that are not being deleted, for a controller to reconcile."""
+        return [obj for obj in self.c.select(rt) if not _deleting(obj)]
+
     def try_create(self, rt: ResourceType, namespace: str, body: JSON) -> tuple[JSON | None, str]:
         try:
             return self.c.create(rt, namespace, body), ""
         except ApiError as exc:
             return None, exc.message
+
+    def create_for(
+        self,
+        owner_rt: ResourceType,
+        owner: JSON,
+        rt: ResourceType,
+        body: JSON,
+        *,
+        component: str,
+        failed: str,
+        succeeded: str | Callable[[JSON], str],
+    ) -> JSON | None:
+        """Create ``body`` in the owner's namespace as a workload controller does.
+
+        The outcome goes on the owner as an Event: Warning ``FailedCreate`` with
+        ``failed`` followed by the refusal, or ``SuccessfulCreate`` with
+        ``succeeded`` (called with the created object when its name is generated).
+        """
+        created, error = self.try_create(rt, _ns(owner), body)
+        if created is None:
+            self.event(
+                owner_rt,
+                owner,
+                "FailedCreate",
+                failed + error,
+                type_="Warning",
+                component=component,
+            )
+            return None
+        message = succeeded(created) if callable(succeeded) else succeeded
+        self.event(owner_rt, owner, "SuccessfulCreate", message, component=component)
+        return created
 
     def ensure(
         self, rt: ResourceType, namespace: str, body: JSON, *, keep: tuple[str, ...] = ()
@@ -3387,31 +3467,23 @@ class _Controllers:
             if not _deleting(namespace):
                 continue
             name = _name(namespace)
-            for key, bucket in list(self.c.objects.items()):
-                rt = self.c.types.get(key)
-                if rt is None or not rt.namespaced:
-                    continue
-                for (ns, _), obj in list(bucket.items()):
-                    if ns == name:
-                        self.c.remove(rt, obj)
+            for rt, obj in self.c.stored():
+                if rt.namespaced and _ns(obj) == name:
+                    self.c.remove(rt, obj)
             self.c.remove(_NAMESPACE, namespace)
 
     def garbage_collect(self) -> None:
         dependents: dict[str, list[tuple[ResourceType, JSON]]] = {}
-        for key, bucket in list(self.c.objects.items()):
-            rt = self.c.types.get(key)
-            if rt is None:
+        for rt, obj in self.c.stored():
+            refs = obj["metadata"].get("ownerReferences") or []
+            if not refs:
                 continue
-            for obj in list(bucket.values()):
-                refs = obj["metadata"].get("ownerReferences") or []
-                if not refs:
-                    continue
-                for ref in refs:
-                    dependents.setdefault(str(ref.get("uid")), []).append((rt, obj))
-                if all(self.c.lookup_uid(str(r.get("uid"))) is None for r in refs):
-                    current = self.c.get(rt, _ns(obj), _name(obj))
-                    if current is not None and not _deleting(current):
-                        self.c.delete(rt, _ns(obj), _name(obj), {})
+            for ref in refs:
+                dependents.setdefault(str(ref.get("uid")), []).append((rt, obj))
+            if all(self.c.lookup_uid(str(r.get("uid"))) is None for r in refs):
+                current = self.c.get(rt, _ns(obj), _name(obj))
+                if current is not None and not _deleting(current):
+                    self.c.delete(rt, _ns(obj), _name(obj), {})
         for owner_uid, found in dependents.items():
             owner = self.c.lookup_uid(owner_uid)
             if owner is None or not _deleting(owner):
@@ -3438,18 +3510,14 @@ class _Controllers:
                 else:
                     self.c.remove(owner_rt, updated)
         # Owners in foreground deletion with no dependents at all.
-        for key, bucket in list(self.c.objects.items()):
-            rt = self.c.types.get(key)
-            if rt is None:
-                continue
-            for obj in list(bucket.values()):
-                finalizers = obj["metadata"].get("finalizers") or []
-                if (
-                    _deleting(obj)
-                    and finalizers == ["foregroundDeletion"]
-                    and _uid(obj) not in dependents
-                ):
-                    self.c.remove(rt, obj)
+        for rt, obj in self.c.stored():
+            finalizers = obj["metadata"].get("finalizers") or []
+            if (
+                _deleting(obj)
+                and finalizers == ["foregroundDeletion"]
+                and _uid(obj) not in dependents
+            ):
+                self.c.remove(rt, obj)
 
     # -- scheduler and kubelet -----------------------------------------------------------
 
@@ -3489,14 +3557,9 @@ class _Controllers:
         namespace, name = _ns(pod), _name(pod)
         message = self.c.faults.unschedulable_message(namespace, name)
         if message:
-            condition = {
-                "type": "PodScheduled",
-                "status": "False",
-                "reason": "Unschedulable",
-                "message": message,
-                "lastProbeTime": None,
-                "lastTransitionTime": _now(),
-            }
+            condition = _pod_condition(
+                "PodScheduled", "False", _now(), reason="Unschedulable", message=message
+            )
             status = pod.get("status", {})
             current = next(
                 (c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), None
@@ -3522,14 +3585,7 @@ class _Controllers:
         stamp = _now()
         updated["status"] = {
             "phase": "Pending",
-            "conditions": [
-                {
-                    "type": "PodScheduled",
-                    "status": "True",
-                    "lastProbeTime": None,
-                    "lastTransitionTime": stamp,
-                }
-            ],
+            "conditions": [_pod_condition("PodScheduled", "True", stamp)],
             "hostIP": f"172.18.0.{NODE_NAMES.index(node) + 2}",
             "hostIPs": [{"ip": f"172.18.0.{NODE_NAMES.index(node) + 2}"}],
             "podIP": pod_ip,
@@ -3537,16 +3593,7 @@ class _Controllers:
             "startTime": stamp,
             "qosClass": pod.get("status", {}).get("qosClass", "BestEffort"),
             "containerStatuses": [
-                {
-                    "name": c.get("name"),
-                    "image": c.get("image"),
-                    "imageID": "",
-                    "ready": False,
-                    "started": False,
-                    "restartCount": 0,
-                    "state": {"waiting": {"reason": "ContainerCreating"}},
-                    "lastState": {},
-                }
+                _waiting_status(c, {"reason": "ContainerCreating"})
                 for c in pod.get("spec", {}).get("containers") or []
             ],
         }
@@ -3570,7 +3617,6 @@ class _Controllers:
             s.get("name"): (s.get("state", {}).get("waiting") or {}).get("reason") for s in statuses
         }
         first = str(failing[0].get("name"))
-        node = pod["spec"].get("nodeName")
         if "pull_failed" not in times or reasons.get(first) not in (
             "ErrImagePull",
             "ImagePullBackOff",
@@ -3591,62 +3637,25 @@ class _Controllers:
         new_statuses = []
         for container in pod["spec"].get("containers") or []:
             image = str(container.get("image"))
-            entry: JSON = {
-                "name": container.get("name"),
-                "image": image,
-                "imageID": "",
-                "ready": False,
-                "started": False,
-                "restartCount": 0,
-                "lastState": {},
-            }
+            waiting: JSON = {"reason": "ContainerCreating"}
             if container.get("name") in failing_names:
                 message = (
                     f'Back-off pulling image "{image}"'
                     if reason == "ImagePullBackOff"
                     else self.pull_error(image)
                 )
-                entry["state"] = {"waiting": {"reason": reason, "message": message}}
-            else:
-                entry["state"] = {"waiting": {"reason": "ContainerCreating"}}
-            new_statuses.append(entry)
+                waiting = {"reason": reason, "message": message}
+            new_statuses.append(_waiting_status(container, waiting))
         stamp = _now()
         unready = f"containers with unready status: [{' '.join(sorted(map(str, failing_names)))}]"
         conditions = [
-            {
-                "type": "PodReadyToStartContainers",
-                "status": "True",
-                "lastProbeTime": None,
-                "lastTransitionTime": stamp,
-            },
-            {
-                "type": "Initialized",
-                "status": "True",
-                "lastProbeTime": None,
-                "lastTransitionTime": stamp,
-            },
-            {
-                "type": "Ready",
-                "status": "False",
-                "lastProbeTime": None,
-                "lastTransitionTime": stamp,
-                "reason": "ContainersNotReady",
-                "message": unready,
-            },
-            {
-                "type": "ContainersReady",
-                "status": "False",
-                "lastProbeTime": None,
-                "lastTransitionTime": stamp,
-                "reason": "ContainersNotReady",
-                "message": unready,
-            },
-            {
-                "type": "PodScheduled",
-                "status": "True",
-                "lastProbeTime": None,
-                "lastTransitionTime": stamp,
-            },
+            _pod_condition("PodReadyToStartContainers", "True", stamp),
+            _pod_condition("Initialized", "True", stamp),
+            _pod_condition("Ready", "False", stamp, reason="ContainersNotReady", message=unready),
+            _pod_condition(
+                "ContainersReady", "False", stamp, reason="ContainersNotReady", message=unready
+            ),
+            _pod_condition("PodScheduled", "True", stamp),
         ]
         new_status = {
             **status,
@@ -3656,47 +3665,28 @@ class _Controllers:
         stored = self.write_status(_POD, pod, new_status)
         for container in failing:
             image = str(container.get("image"))
-            path = f"spec.containers{{{container.get('name')}}}"
             if reason == "ErrImagePull":
-                self.event(
-                    _POD, stored, "Pulling", f'Pulling image "{image}"', host=node, field_path=path
-                )
-                self.event(
-                    _POD,
+                self.container_events(
                     stored,
-                    "Failed",
-                    self.pull_error(image),
-                    type_="Warning",
-                    host=node,
-                    field_path=path,
-                )
-                self.event(
-                    _POD,
-                    stored,
-                    "Failed",
-                    "Error: ErrImagePull",
-                    type_="Warning",
-                    host=node,
-                    field_path=path,
+                    container,
+                    ("Normal", "Pulling", f'Pulling image "{image}"'),
+                    ("Warning", "Failed", self.pull_error(image)),
+                    ("Warning", "Failed", "Error: ErrImagePull"),
                 )
             else:
-                self.event(
-                    _POD,
+                self.container_events(
                     stored,
-                    "BackOff",
-                    f'Back-off pulling image "{image}"',
-                    host=node,
-                    field_path=path,
+                    container,
+                    ("Normal", "BackOff", f'Back-off pulling image "{image}"'),
+                    ("Warning", "Failed", "Error: ImagePullBackOff"),
                 )
-                self.event(
-                    _POD,
-                    stored,
-                    "Failed",
-                    "Error: ImagePullBackOff",
-                    type_="Warning",
-                    host=node,
-                    field_path=path,
-                )
+
+    def container_events(self, pod: JSON, container: JSON, *events: tuple[str, str, str]) -> None:
+        """Record the kubelet's ``(type, reason, message)`` Events about one container."""
+        node = pod["spec"].get("nodeName")
+        path = f"spec.containers{{{container.get('name')}}}"
+        for type_, reason, message in events:
+            self.event(_POD, pod, reason, message, type_=type_, host=node, field_path=path)
 
     @staticmethod
     def pull_error(image: str) -> str:
@@ -3708,7 +3698,6 @@ class _Controllers:
 
     def start_containers(self, pod: JSON) -> None:
         stamp = _now()
-        node = pod["spec"].get("nodeName")
         statuses = []
         for container in pod["spec"].get("containers") or []:
             image = str(container.get("image"))
@@ -3729,7 +3718,7 @@ class _Controllers:
             )
         status = pod.get("status", {})
         conditions = [
-            {"type": kind, "status": "True", "lastProbeTime": None, "lastTransitionTime": stamp}
+            _pod_condition(kind, "True", stamp)
             for kind in (
                 "PodReadyToStartContainers",
                 "Initialized",
@@ -3749,39 +3738,19 @@ class _Controllers:
             },
         )
         for container in pod["spec"].get("containers") or []:
-            image = str(container.get("image"))
-            path = f"spec.containers{{{container.get('name')}}}"
-            self.event(
-                _POD,
+            self.container_events(
                 stored,
-                "Pulled",
-                f'Container image "{image}" already present on machine',
-                host=node,
-                field_path=path,
-            )
-            self.event(
-                _POD,
-                stored,
-                "Created",
-                f"Created container {container.get('name')}",
-                host=node,
-                field_path=path,
-            )
-            self.event(
-                _POD,
-                stored,
-                "Started",
-                f"Started container {container.get('name')}",
-                host=node,
-                field_path=path,
+                container,
+                (
+                    "Normal",
+                    "Pulled",
+                    f'Container image "{container.get("image")}" already present on machine',
+                ),
+                ("Normal", "Created", f"Created container {container.get('name')}"),
+                ("Normal", "Started", f"Started container {container.get('name')}"),
             )
 
     # -- StatefulSets ----------------------------------------------------------------------
-
-    def statefulsets(self, now: float) -> None:
-        for sts in self.c.select(_STS):
-            if not _deleting(sts):
-                self.statefulset(sts, now)
 
     def statefulset(self, sts: JSON, now: float) -> None:
         namespace, name, uid = _ns(sts), _name(sts), _uid(sts)
@@ -3905,25 +3874,21 @@ class _Controllers:
                 claim["metadata"]["annotations"] = dict(claim_meta["annotations"])
             if policy.get("whenDeleted") == "Delete":
                 claim["metadata"]["ownerReferences"] = [_owner_ref(_STS, sts, controller=False)]
-            created, error = self.try_create(_PVC, namespace, claim)
-            if created is None:
-                self.event(
+            if (
+                self.create_for(
                     _STS,
                     sts,
-                    "FailedCreate",
-                    f"create Claim {claim_name} for Pod {pod_name} in StatefulSet {name} "
-                    f"failed error: {error}",
-                    type_="Warning",
+                    _PVC,
+                    claim,
                     component="statefulset-controller",
+                    failed=f"create Claim {claim_name} for Pod {pod_name} in StatefulSet {name} "
+                    "failed error: ",
+                    succeeded=f"create Claim {claim_name} Pod {pod_name} in StatefulSet {name} "
+                    "success",
                 )
+                is None
+            ):
                 return None
-            self.event(
-                _STS,
-                sts,
-                "SuccessfulCreate",
-                f"create Claim {claim_name} Pod {pod_name} in StatefulSet {name} success",
-                component="statefulset-controller",
-            )
         template_meta = template.get("metadata") or {}
         pod_spec = template.get("spec") or {}
         pod_spec["hostname"] = pod_name
@@ -3951,32 +3916,17 @@ class _Controllers:
         }
         if template_meta.get("annotations"):
             body["metadata"]["annotations"] = dict(template_meta["annotations"])
-        created, error = self.try_create(_POD, namespace, body)
-        if created is None:
-            self.event(
-                _STS,
-                sts,
-                "FailedCreate",
-                f"create Pod {pod_name} in StatefulSet {name} failed error: {error}",
-                type_="Warning",
-                component="statefulset-controller",
-            )
-            return None
-        self.event(
+        return self.create_for(
             _STS,
             sts,
-            "SuccessfulCreate",
-            f"create Pod {pod_name} in StatefulSet {name} successful",
+            _POD,
+            body,
             component="statefulset-controller",
+            failed=f"create Pod {pod_name} in StatefulSet {name} failed error: ",
+            succeeded=f"create Pod {pod_name} in StatefulSet {name} successful",
         )
-        return created
 
     # -- Deployments and ReplicaSets -----------------------------------------------------------
-
-    def deployments(self, now: float) -> None:
-        for deployment in self.c.select(_DEPLOY):
-            if not _deleting(deployment):
-                self.deployment(deployment, now)
 
     def deployment(self, deployment: JSON, now: float) -> None:
         namespace, name, uid = _ns(deployment), _name(deployment), _uid(deployment)
@@ -4152,11 +4102,6 @@ class _Controllers:
         )
         self.write_status(_DEPLOY, deployment, status)
 
-    def replicasets(self, now: float) -> None:
-        for rs in self.c.select(_RS):
-            if not _deleting(rs):
-                self.replicaset(rs, now)
-
     def replicaset(self, rs: JSON, now: float) -> None:
         namespace, name, uid = _ns(rs), _name(rs), _uid(rs)
         spec = rs.get("spec", {})
@@ -4184,27 +4129,20 @@ class _Controllers:
                 annotations = (template.get("metadata") or {}).get("annotations")
                 if annotations:
                     body["metadata"]["annotations"] = dict(annotations)
-                created, error = self.try_create(_POD, namespace, body)
+                created = self.create_for(
+                    _RS,
+                    rs,
+                    _POD,
+                    body,
+                    component="replicaset-controller",
+                    failed="Error creating: ",
+                    succeeded=lambda pod: f"Created pod: {_name(pod)}",
+                )
                 if created is None:
-                    self.event(
-                        _RS,
-                        rs,
-                        "FailedCreate",
-                        f"Error creating: {error}",
-                        type_="Warning",
-                        component="replicaset-controller",
-                    )
                     self.backoff[uid] = now + 1.0
                     self.at(now + 1.0)
                     break
                 pods.append(created)
-                self.event(
-                    _RS,
-                    rs,
-                    "SuccessfulCreate",
-                    f"Created pod: {_name(created)}",
-                    component="replicaset-controller",
-                )
         elif len(pods) > replicas:
             victims = sorted(
                 pods, key=lambda p: (_pod_ready(p), p["metadata"]["creationTimestamp"])
@@ -4305,21 +4243,20 @@ class _Controllers:
     # -- operators -----------------------------------------------------------------------
 
     def operators(self, now: float) -> None:
-        postgres = self.c.types.get(("acid.zalan.do/v1", "postgresqls"))
-        if postgres is not None:
-            for cluster in self.c.select(postgres):
-                if not _deleting(cluster):
-                    self.postgresql(postgres, cluster)
-        redis = self.c.types.get(("databases.spotahome.com/v1", "redisfailovers"))
-        if redis is not None:
-            for failover in self.c.select(redis):
-                if not _deleting(failover):
-                    self.redis_failover(redis, failover)
-        topics = self.c.types.get(("kafka.strimzi.io/v1beta2", "kafkatopics"))
-        if topics is not None:
-            for topic in self.c.select(topics):
-                if not _deleting(topic):
-                    self.kafka_topic(topics, topic, now)
+        operators: tuple[tuple[tuple[str, str], Callable[[ResourceType, JSON], None]], ...] = (
+            (("acid.zalan.do/v1", "postgresqls"), self.postgresql),
+            (("databases.spotahome.com/v1", "redisfailovers"), self.redis_failover),
+            (
+                ("kafka.strimzi.io/v1beta2", "kafkatopics"),
+                lambda rt, topic: self.kafka_topic(rt, topic, now),
+            ),
+        )
+        # An operator does nothing until its CRD is installed.
+        for key, reconcile in operators:
+            rt = self.c.types.get(key)
+            if rt is not None:
+                for obj in self.live(rt):
+                    reconcile(rt, obj)
 
     def postgresql(self, rt: ResourceType, cluster: JSON) -> None:
         namespace, name = _ns(cluster), _name(cluster)
@@ -4344,29 +4281,25 @@ class _Controllers:
                 self.try_create(
                     _SECRET,
                     namespace,
-                    {
-                        "metadata": {
-                            "name": secret_name,
-                            "namespace": namespace,
-                            "labels": labels,
-                            "ownerReferences": owner,
-                        },
-                        "type": "Opaque",
-                        "stringData": {"username": user, "password": password},
-                    },
+                    _owned(
+                        secret_name,
+                        namespace,
+                        labels,
+                        owner,
+                        type="Opaque",
+                        stringData={"username": user, "password": password},
+                    ),
                 )
         for service_name, role in ((name, "master"), (f"{name}-repl", "replica")):
             self.ensure(
                 _SERVICE,
                 namespace,
-                {
-                    "metadata": {
-                        "name": service_name,
-                        "namespace": namespace,
-                        "labels": {**labels, "spilo-role": role},
-                        "ownerReferences": owner,
-                    },
-                    "spec": {
+                _owned(
+                    service_name,
+                    namespace,
+                    {**labels, "spilo-role": role},
+                    owner,
+                    spec={
                         "type": "ClusterIP",
                         "ports": [{"name": "postgresql", "port": 5432, "targetPort": 5432}],
                         "selector": {
@@ -4377,7 +4310,7 @@ class _Controllers:
                         if role == "replica"
                         else {"application": "spilo", "cluster-name": name},
                     },
-                },
+                ),
             )
         instances = int(spec.get("numberOfInstances", 1))
         volume = spec.get("volume") or {}
@@ -4407,14 +4340,12 @@ class _Controllers:
         sts = self.ensure(
             _STS,
             namespace,
-            {
-                "metadata": {
-                    "name": name,
-                    "namespace": namespace,
-                    "labels": labels,
-                    "ownerReferences": owner,
-                },
-                "spec": {
+            _owned(
+                name,
+                namespace,
+                labels,
+                owner,
+                spec={
                     "replicas": instances,
                     "serviceName": name,
                     "podManagementPolicy": "OrderedReady",
@@ -4427,7 +4358,7 @@ class _Controllers:
                         {"metadata": {"name": "pgdata", "labels": labels}, "spec": claim_spec}
                     ],
                 },
-            },
+            ),
             keep=("volumeClaimTemplates", "selector", "serviceName", "podManagementPolicy"),
         )
         wanted_size = volume.get("size")
@@ -4505,15 +4436,7 @@ class _Controllers:
         self.ensure(
             _STS,
             namespace,
-            {
-                "metadata": {
-                    "name": f"rfr-{name}",
-                    "namespace": namespace,
-                    "labels": redis_labels,
-                    "ownerReferences": owner,
-                },
-                "spec": sts_spec,
-            },
+            _owned(f"rfr-{name}", namespace, redis_labels, owner, spec=sts_spec),
             keep=("volumeClaimTemplates", "selector", "serviceName", "podManagementPolicy"),
         )
         sentinel_container: JSON = {
@@ -4526,14 +4449,12 @@ class _Controllers:
         self.ensure(
             _DEPLOY,
             namespace,
-            {
-                "metadata": {
-                    "name": f"rfs-{name}",
-                    "namespace": namespace,
-                    "labels": sentinel_labels,
-                    "ownerReferences": owner,
-                },
-                "spec": {
+            _owned(
+                f"rfs-{name}",
+                namespace,
+                sentinel_labels,
+                owner,
+                spec={
                     "replicas": int(sentinel.get("replicas", 3)),
                     "selector": {"matchLabels": sentinel_labels},
                     "template": {
@@ -4541,7 +4462,7 @@ class _Controllers:
                         "spec": {"containers": [sentinel_container]},
                     },
                 },
-            },
+            ),
             keep=("selector",),
         )
         for service_name, labels, service_port, selector in (
@@ -4552,20 +4473,18 @@ class _Controllers:
             self.ensure(
                 _SERVICE,
                 namespace,
-                {
-                    "metadata": {
-                        "name": service_name,
-                        "namespace": namespace,
-                        "labels": labels,
-                        "ownerReferences": owner,
-                    },
-                    "spec": {
+                _owned(
+                    service_name,
+                    namespace,
+                    labels,
+                    owner,
+                    spec={
                         "ports": [
                             {"name": "redis", "port": service_port, "targetPort": service_port}
                         ],
                         "selector": selector,
                     },
-                },
+                ),
             )
 
     def kafka_topic(self, rt: ResourceType, topic: JSON, now: float) -> None:
@@ -4958,14 +4877,7 @@ class _Handler(BaseHTTPRequestHandler):
                 wanted = _parse_json(raw)
             elif method == "PATCH":
                 kind = self.headers.get("Content-Type", "").split(";")[0].strip()
-                body = _parse_json(raw)
-                try:
-                    if kind == "application/json-patch+json":
-                        wanted = json_patch(scale, body)
-                    else:
-                        wanted = merge_patch(scale, body)
-                except _JsonPatchError as exc:
-                    raise ApiError(422, "Invalid", str(exc)) from None
+                wanted = _apply_patch(kind, scale, _parse_json(raw), strategic=False)
             else:
                 raise _method_not_allowed()
             if not isinstance(wanted, dict):
@@ -5297,6 +5209,26 @@ def _memory_text(value: Fraction) -> str:
     return f"{math.ceil(value / 1024)}Ki"
 
 
+def _metrics_item(kind: str, measured: JSON, window: str, **usage: Any) -> JSON:
+    """A metrics.k8s.io item for ``measured`` (a pod or node), sampled now."""
+    stamp = _now()
+    metadata: JSON = {"name": _name(measured)}
+    if _ns(measured):
+        metadata["namespace"] = _ns(measured)
+    return {
+        "kind": kind,
+        "apiVersion": _METRICS_GV,
+        "metadata": {
+            **metadata,
+            "creationTimestamp": stamp,
+            "labels": dict(_labels_of(measured)),
+        },
+        "timestamp": stamp,
+        "window": window,
+        **usage,
+    }
+
+
 def _pod_metrics(cluster: _Cluster, pod: JSON) -> JSON:
     containers = []
     for container in pod.get("spec", {}).get("containers") or []:
@@ -5307,20 +5239,7 @@ def _pod_metrics(cluster: _Cluster, pod: JSON) -> JSON:
                 "usage": {"cpu": _cpu_text(cpu), "memory": _memory_text(memory)},
             }
         )
-    stamp = _now()
-    return {
-        "kind": "PodMetrics",
-        "apiVersion": _METRICS_GV,
-        "metadata": {
-            "name": _name(pod),
-            "namespace": _ns(pod),
-            "creationTimestamp": stamp,
-            "labels": dict(_labels_of(pod)),
-        },
-        "timestamp": stamp,
-        "window": "15s",
-        "containers": containers,
-    }
+    return _metrics_item("PodMetrics", pod, "15s", containers=containers)
 
 
 def _node_metrics(cluster: _Cluster, node: JSON) -> JSON:
@@ -5335,19 +5254,12 @@ def _node_metrics(cluster: _Cluster, node: JSON) -> JSON:
                 used = _usage_for(cluster, pod, container)
                 cpu += used[0]
                 memory += used[1]
-    stamp = _now()
-    return {
-        "kind": "NodeMetrics",
-        "apiVersion": _METRICS_GV,
-        "metadata": {
-            "name": _name(node),
-            "creationTimestamp": stamp,
-            "labels": dict(_labels_of(node)),
-        },
-        "timestamp": stamp,
-        "window": "20s",
-        "usage": {"cpu": _cpu_text(cpu), "memory": _memory_text(memory)},
-    }
+    return _metrics_item(
+        "NodeMetrics",
+        node,
+        "20s",
+        usage={"cpu": _cpu_text(cpu), "memory": _memory_text(memory)},
+    )
 
 
 def _as_list(value: Any) -> list[Any]:
