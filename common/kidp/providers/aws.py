@@ -67,6 +67,7 @@ from kidp.providers.aws_errors import Refused as _Refused
 from kidp.providers.aws_errors import error_code as _error_code
 from kidp.providers.aws_errors import http_status as _http_status
 from kidp.providers.aws_errors import redact as _redact
+from kidp.providers.ownership import deployment_tags
 
 if TYPE_CHECKING:
     from boto3.session import Session
@@ -588,19 +589,9 @@ class AwsProvider:
             key = "ecs"
         return self._kinds[key]
 
-    def _logical_tags(self, deployment: Deployment, tags: Mapping[str, str]) -> dict[str, str]:
-        logical = {**tagging.logical_tags(deployment, managed_by=self.managed_by), **tags}
-        if logical[tagging.DEPLOYMENT_ID] != deployment.id:
-            raise ProvisioningFailed(
-                f"tags name deployment {logical[tagging.DEPLOYMENT_ID]} "
-                f"but the deployment is {deployment.id}"
-            )
-        return logical
-
     def _encoded_tags(self, deployment: Deployment, tags: Mapping[str, str]) -> dict[str, str]:
-        return tagging.encode(
-            self._logical_tags(deployment, tags), dialect="aws", prefix=self.tag_prefix
-        )
+        logical = deployment_tags(deployment, tags, managed_by=self.managed_by)
+        return tagging.encode(logical, dialect="aws", prefix=self.tag_prefix)
 
     def _ensure_owner(self, kind: _Kind, found: _Found, deployment: Deployment) -> None:
         if not kind.taggable or self.owned_by(found, deployment):

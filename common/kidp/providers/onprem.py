@@ -83,6 +83,7 @@ from kidp.models import (
 )
 from kidp.ports import Credentials, PasswordPolicy, QuotaReport
 from kidp.providers import onprem_manifests as m
+from kidp.providers.ownership import deployment_tags
 
 logger = logging.getLogger(__name__)
 
@@ -717,12 +718,7 @@ class KubernetesProvider:
         return f"{self.namespace_prefix}{deployment.namespace}"
 
     def _tag_labels(self, deployment: Deployment, tags: Mapping[str, str]) -> dict[str, str]:
-        logical = {**tagging.logical_tags(deployment, managed_by=self.managed_by), **tags}
-        if logical[tagging.DEPLOYMENT_ID] != deployment.id:
-            raise ProvisioningFailed(
-                f"tags name deployment {logical[tagging.DEPLOYMENT_ID]} "
-                f"but the deployment is {deployment.id}"
-            )
+        logical = deployment_tags(deployment, tags, managed_by=self.managed_by)
         known = {k: v for k, v in logical.items() if k in tagging.TAG_NAMES}
         return tagging.encode(known, dialect="kubernetes", prefix=self.tag_prefix)
 
