@@ -565,62 +565,77 @@ def _postgres(target: Target, secret: str) -> dict[str, Any]:
     return {"container": container, "init": init, "config": {"pg_hba.conf": _PG_HBA}}
 
 
-def _mysql(target: Target, secret: str) -> dict[str, Any]:
-    # The image applies MYSQL_*_PASSWORD only at initialisation; this hook makes
-    # a rotated password current using the previous one kept in the Secret.
+def _previous_password_engine(
+    *,
+    accepts_current: str,
+    switch_from_previous: str,
+    env: list[dict[str, Any]],
+    mounts: list[dict[str, Any]],
+    secret: str,
+    setup: str = "",
+) -> dict[str, Any]:
+    """Container details of an engine whose image applies its password only at
+    initialisation. A postStart hook makes a rotated password current: it waits
+    until the engine answers (``accepts_current`` succeeds) and, while the new
+    password is refused, runs ``switch_from_previous``, which logs in with the
+    previous password the Secret keeps and sets the new one."""
     post_start = (
-        "for i in $(seq 1 90); do "
-        'if MYSQL_PWD="$MYSQL_ROOT_PASSWORD" mysql -uroot -h127.0.0.1 -e "SELECT 1" '
-        ">/dev/null 2>&1; then exit 0; fi; "
+        f"{setup}for i in $(seq 1 90); do "
+        f"{accepts_current} >/dev/null 2>&1 && exit 0; "
         'if [ -n "$KIDP_PREVIOUS_PASSWORD" ]; then '
-        "printf \"ALTER USER 'root'@'%%' IDENTIFIED BY '%s'; "
-        "ALTER USER IF EXISTS 'root'@'localhost' IDENTIFIED BY '%s'; "
-        "ALTER USER IF EXISTS '%s'@'%%' IDENTIFIED BY '%s';\\n\" "
-        '"$MYSQL_ROOT_PASSWORD" "$MYSQL_ROOT_PASSWORD" "$MYSQL_USER" "$MYSQL_PASSWORD" '
-        '| MYSQL_PWD="$KIDP_PREVIOUS_PASSWORD" mysql -uroot -h127.0.0.1 >/dev/null 2>&1 '
-        "&& exit 0; fi; sleep 2; done; exit 0"
+        f"{switch_from_previous} >/dev/null 2>&1 && exit 0; fi; sleep 2; done; exit 0"
     )
-    env = [
-        _secret_env("MYSQL_ROOT_PASSWORD", secret, SECRET_DATA_PASSWORD),
-        _secret_env("MYSQL_USER", secret, SECRET_DATA_USERNAME),
-        _secret_env("MYSQL_PASSWORD", secret, SECRET_DATA_PASSWORD),
-        {"name": "MYSQL_DATABASE", "value": "app"},
-        _secret_env("KIDP_PREVIOUS_PASSWORD", secret, SECRET_DATA_PREVIOUS, optional=True),
-    ]
+    previous = _secret_env("KIDP_PREVIOUS_PASSWORD", secret, SECRET_DATA_PREVIOUS, optional=True)
     container = {
-        "env": env,
+        "env": [*env, previous],
         "lifecycle": {"postStart": _exec(post_start)},
-        # A fresh volume holds lost+found, which mysqld refuses as a data dir.
-        "volumeMounts": [{"name": "data", "mountPath": DATA_PATHS["mysql"], "subPath": "mysql"}],
+        "volumeMounts": mounts,
     }
     return {"container": container, "init": [], "config": None}
+
+
+def _mysql(target: Target, secret: str) -> dict[str, Any]:
+    return _previous_password_engine(
+        accepts_current='MYSQL_PWD="$MYSQL_ROOT_PASSWORD" mysql -uroot -h127.0.0.1 -e "SELECT 1"',
+        switch_from_previous=(
+            "printf \"ALTER USER 'root'@'%%' IDENTIFIED BY '%s'; "
+            "ALTER USER IF EXISTS 'root'@'localhost' IDENTIFIED BY '%s'; "
+            "ALTER USER IF EXISTS '%s'@'%%' IDENTIFIED BY '%s';\\n\" "
+            '"$MYSQL_ROOT_PASSWORD" "$MYSQL_ROOT_PASSWORD" "$MYSQL_USER" "$MYSQL_PASSWORD" '
+            '| MYSQL_PWD="$KIDP_PREVIOUS_PASSWORD" mysql -uroot -h127.0.0.1'
+        ),
+        env=[
+            _secret_env("MYSQL_ROOT_PASSWORD", secret, SECRET_DATA_PASSWORD),
+            _secret_env("MYSQL_USER", secret, SECRET_DATA_USERNAME),
+            _secret_env("MYSQL_PASSWORD", secret, SECRET_DATA_PASSWORD),
+            {"name": "MYSQL_DATABASE", "value": "app"},
+        ],
+        # A fresh volume holds lost+found, which mysqld refuses as a data dir.
+        mounts=[{"name": "data", "mountPath": DATA_PATHS["mysql"], "subPath": "mysql"}],
+        secret=secret,
+    )
 
 
 def _mongodb(target: Target, secret: str) -> dict[str, Any]:
-    post_start = (
-        "if command -v mongosh >/dev/null 2>&1; then s=mongosh; else s=mongo; fi; "
-        "for i in $(seq 1 90); do "
-        '$s --quiet -u "$MONGO_INITDB_ROOT_USERNAME" -p "$MONGO_INITDB_ROOT_PASSWORD" '
-        "--authenticationDatabase admin --eval 'db.adminCommand({ping: 1}).ok' "
-        ">/dev/null 2>&1 && exit 0; "
-        'if [ -n "$KIDP_PREVIOUS_PASSWORD" ]; then '
-        '$s --quiet -u "$MONGO_INITDB_ROOT_USERNAME" -p "$KIDP_PREVIOUS_PASSWORD" '
-        "--authenticationDatabase admin --eval "
-        "\"db.getSiblingDB('admin').changeUserPassword("
-        "'$MONGO_INITDB_ROOT_USERNAME', '$MONGO_INITDB_ROOT_PASSWORD')\" "
-        ">/dev/null 2>&1 && exit 0; fi; sleep 2; done; exit 0"
+    return _previous_password_engine(
+        setup="if command -v mongosh >/dev/null 2>&1; then s=mongosh; else s=mongo; fi; ",
+        accepts_current=(
+            '$s --quiet -u "$MONGO_INITDB_ROOT_USERNAME" -p "$MONGO_INITDB_ROOT_PASSWORD" '
+            "--authenticationDatabase admin --eval 'db.adminCommand({ping: 1}).ok'"
+        ),
+        switch_from_previous=(
+            '$s --quiet -u "$MONGO_INITDB_ROOT_USERNAME" -p "$KIDP_PREVIOUS_PASSWORD" '
+            "--authenticationDatabase admin --eval "
+            "\"db.getSiblingDB('admin').changeUserPassword("
+            "'$MONGO_INITDB_ROOT_USERNAME', '$MONGO_INITDB_ROOT_PASSWORD')\""
+        ),
+        env=[
+            _secret_env("MONGO_INITDB_ROOT_USERNAME", secret, SECRET_DATA_USERNAME),
+            _secret_env("MONGO_INITDB_ROOT_PASSWORD", secret, SECRET_DATA_PASSWORD),
+        ],
+        mounts=[{"name": "data", "mountPath": DATA_PATHS["mongodb"]}],
+        secret=secret,
     )
-    env = [
-        _secret_env("MONGO_INITDB_ROOT_USERNAME", secret, SECRET_DATA_USERNAME),
-        _secret_env("MONGO_INITDB_ROOT_PASSWORD", secret, SECRET_DATA_PASSWORD),
-        _secret_env("KIDP_PREVIOUS_PASSWORD", secret, SECRET_DATA_PREVIOUS, optional=True),
-    ]
-    container = {
-        "env": env,
-        "lifecycle": {"postStart": _exec(post_start)},
-        "volumeMounts": [{"name": "data", "mountPath": DATA_PATHS["mongodb"]}],
-    }
-    return {"container": container, "init": [], "config": None}
 
 
 def _redis(target: Target, secret: str) -> dict[str, Any]:
