@@ -26,9 +26,10 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from kidp import tags as tagging
-from kidp.errors import BrokerError, NotFound, ProvisioningFailed, StoreUnavailable
+from kidp.errors import NotFound, ProvisioningFailed, StoreUnavailable
 from kidp.models import SecretRef
 from kidp.providers.aws_errors import Refused, error_code, is_temporary, redact
+from kidp.secrets.base import check_reachable, ensure_once
 
 logger = logging.getLogger(__name__)
 
@@ -155,11 +156,20 @@ class SecretsManagerStore:
         create: Callable[[], dict[str, str]],
         tags: dict[str, str],
     ) -> tuple[SecretRef, dict[str, str]]:
-        """Return the current value of ``name``, creating it from ``create()`` if
-        absent. An existing value is never regenerated."""
-        existing = self._read(name)
-        if existing is not None:
-            return existing
+        """The current version of ``name``, stored from ``create()`` (tagged with
+        ``tags``, encrypted with ``kms_key_id`` when set) only when Secrets
+        Manager has no secret of that name."""
+        return ensure_once(
+            lambda: self._read(name),
+            lambda: self._create(name, create, tags),
+            lost_race=Refused,
+            what=f"secret {name}",
+        )
+
+    def _create(
+        self, name: str, create: Callable[[], dict[str, str]], tags: Mapping[str, str]
+    ) -> tuple[SecretRef, dict[str, str]]:
+        """Raises ``Refused`` when the secret exists already (a lost race)."""
         value = dict(create())
         params: dict[str, Any] = {
             "Name": name,
@@ -178,24 +188,18 @@ class SecretsManagerStore:
                 **params,
             )
         except Refused as refused:
-            if refused.code == "InvalidRequestException":
-                if "deletion" in refused.message.lower():
-                    # Secrets Manager finishes a forced deletion asynchronously;
-                    # until then the name cannot be reused.
-                    raise StoreUnavailable(
-                        f"secret {name} cannot be created yet: {refused.message}",
-                        retry_after=10.0,
-                    ) from None
-                raise ProvisioningFailed(
-                    f"Secrets Manager refused to create secret {name}: {refused.message}"
-                ) from None
-            # Another worker created it first: use theirs, never ours.
-            winner = self._read(name)
-            if winner is None:
+            if refused.code != "InvalidRequestException":
+                raise
+            if "deletion" in refused.message.lower():
+                # Secrets Manager finishes a forced deletion asynchronously;
+                # until then the name cannot be reused.
                 raise StoreUnavailable(
-                    f"secret {name} exists but cannot be read yet", retry_after=5.0
+                    f"secret {name} cannot be created yet: {refused.message}",
+                    retry_after=10.0,
                 ) from None
-            return winner
+            raise ProvisioningFailed(
+                f"Secrets Manager refused to create secret {name}: {refused.message}"
+            ) from None
         logger.info("created secret %s", name)
         return self._ref(name, created), value
 
@@ -230,9 +234,4 @@ class SecretsManagerStore:
 
     def check(self) -> None:
         """Raise ``StoreUnavailable`` unless Secrets Manager answers a listing."""
-        try:
-            self._call("list_secrets", "*", MaxResults=1)
-        except StoreUnavailable:
-            raise
-        except BrokerError as exc:
-            raise StoreUnavailable(exc.message, retry_after=30.0) from None
+        check_reachable(lambda: self._call("list_secrets", "*", MaxResults=1))

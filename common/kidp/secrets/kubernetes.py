@@ -27,7 +27,6 @@ from typing import Any, Final
 
 from kidp import tags as tagging
 from kidp.errors import (
-    BrokerError,
     NotFound,
     ProvisioningFailed,
     StoreUnavailable,
@@ -43,6 +42,7 @@ from kidp.providers.onprem import (
     load_api_client,
 )
 from kidp.providers.onprem_manifests import SECRET_DATA_PASSWORD, SECRET_DATA_PREVIOUS
+from kidp.secrets.base import check_reachable, ensure_once
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,9 @@ class KubernetesSecretStore:
                 labels[key] = value
         return labels
 
+    def _managed_key(self) -> str:
+        return tagging.encode_key(tagging.MANAGED_BY, dialect="kubernetes", prefix=self.tag_prefix)
+
     def _ref(self, name: str, obj: Mapping[str, Any]) -> SecretRef:
         meta = obj.get("metadata") or {}
         return SecretRef(
@@ -124,9 +127,7 @@ class KubernetesSecretStore:
         found = self.api.get(SECRET, namespace, secret)
         if found is None:
             return None
-        managed_key = tagging.encode_key(
-            tagging.MANAGED_BY, dialect="kubernetes", prefix=self.tag_prefix
-        )
+        managed_key = self._managed_key()
         if managed_key not in labels_of(found):
             # Never hand out (or later overwrite) a Secret someone else made.
             raise ProvisioningFailed(
@@ -141,16 +142,27 @@ class KubernetesSecretStore:
         create: Callable[[], dict[str, str]],
         tags: dict[str, str],
     ) -> tuple[SecretRef, dict[str, str]]:
-        """Return the current value of ``name``, creating it from ``create()`` if
-        absent. An existing value is never regenerated."""
-        existing = self._read(name)
-        if existing is not None:
-            return existing
+        """The Secret of ``name`` and its decoded data, made from ``create()``
+        (labelled with ``tags``, in a namespace made if missing) only when no
+        Secret of that name exists. A Secret the broker did not make is refused."""
         namespace, secret = self.locate(name)
-        labels = self._labels(tags)
-        managed_key = tagging.encode_key(
-            tagging.MANAGED_BY, dialect="kubernetes", prefix=self.tag_prefix
+        return ensure_once(
+            lambda: self._read(name),
+            lambda: self._create(name, namespace, secret, create, tags),
+            lost_race=AlreadyExists,
+            what=f"Secret {namespace}/{secret}",
         )
+
+    def _create(
+        self,
+        name: str,
+        namespace: str,
+        secret: str,
+        create: Callable[[], dict[str, str]],
+        tags: Mapping[str, str],
+    ) -> tuple[SecretRef, dict[str, str]]:
+        labels = self._labels(tags)
+        managed_key = self._managed_key()
         labels.setdefault(managed_key, tagging.MANAGED_BY_VALUE)
         self.api.ensure_namespace(namespace, {managed_key: labels[managed_key]})
         value = dict(create())
@@ -166,16 +178,7 @@ class KubernetesSecretStore:
             "type": "Opaque",
             "stringData": value,
         }
-        try:
-            created = self.api.create(SECRET, namespace, body, secrets=_secret_values(value))
-        except AlreadyExists:
-            # Another worker created it first: use theirs, never ours.
-            winner = self._read(name)
-            if winner is None:
-                raise StoreUnavailable(
-                    f"Secret {namespace}/{secret} exists but cannot be read yet", retry_after=5.0
-                ) from None
-            return winner
+        created = self.api.create(SECRET, namespace, body, secrets=_secret_values(value))
         logger.info("created secret %s/%s", namespace, secret)
         return self._ref(name, created), value
 
@@ -218,12 +221,7 @@ class KubernetesSecretStore:
 
     def check(self) -> None:
         """Raise ``StoreUnavailable`` unless the API server answers."""
-        try:
-            self.api.check()
-        except StoreUnavailable:
-            raise
-        except BrokerError as exc:
-            raise StoreUnavailable(exc.message, retry_after=30.0) from None
+        check_reachable(self.api.check)
 
 
 def _secret_values(value: Mapping[str, str]) -> tuple[str, ...]:
