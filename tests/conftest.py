@@ -8,17 +8,33 @@ skipping.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
 
 import pytest
+
+from kidp.emulator import free_port
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 POSTGRES_HOST = os.environ.get("KIDP_TEST_POSTGRES_HOST", "127.0.0.1")
 POSTGRES_PORT = int(os.environ.get("KIDP_TEST_POSTGRES_PORT", "5432"))
+
+
+def missing(reason: str) -> None:
+    """Skip the test on a laptop; fail it under ``CI=true``, which needs everything."""
+    if IN_CI:
+        pytest.fail(f"{reason}; CI=true requires it", pytrace=False)
+    pytest.skip(reason)
 
 
 def require_service(name: str, host: str, port: int) -> None:
@@ -27,10 +43,64 @@ def require_service(name: str, host: str, port: int) -> None:
         with socket.create_connection((host, port), timeout=2):
             return
     except OSError as exc:
-        reason = f"{name} is not reachable on {host}:{port} ({exc})"
-        if IN_CI:
-            pytest.fail(f"{reason}; CI=true requires it", pytrace=False)
-        pytest.skip(reason)
+        missing(f"{name} is not reachable on {host}:{port} ({exc})")
+
+
+def require_program(name: str, *elsewhere: str) -> str:
+    """The path of the program ``name`` (on PATH, else the first of ``elsewhere``
+    that exists); skips (laptop) or fails (CI) when there is none."""
+    found = shutil.which(name) or next((p for p in elsewhere if Path(p).exists()), None)
+    if found is None:
+        missing(f"{name} is not installed")
+    assert found is not None  # missing() raised
+    return found
+
+
+class PrivateServer:
+    """A server process of one test's own on a free loopback port, so the test
+    can kill it with -9 and start it again (same port, same files) without
+    touching the shared one. A context manager: started on entry, killed on exit."""
+
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        """The server's command line, listening on 127.0.0.1:``self.port``."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        self.process = subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"{Path(self.binary).name} did not start")
+
+    def kill(self) -> None:
+        """kill -9: no shutdown, no flush."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.kill()
 
 
 @pytest.fixture
@@ -94,6 +164,76 @@ def session(aws: None) -> Any:
     import boto3
 
     return boto3.session.Session(region_name="us-east-1")
+
+
+class SqsClock:
+    """Moves moto's SQS clock (delays, visibility timeouts) forward by hand."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import moto.core.utils as utils
+        import moto.sqs.models as models
+
+        self.offset = 0.0
+        real = utils.unix_time
+
+        def unix_time(dt: Any = None) -> float:
+            return real(dt) + (self.offset if dt is None else 0.0)
+
+        monkeypatch.setattr(models, "unix_time", unix_time)
+        monkeypatch.setattr(models, "unix_time_millis", lambda dt=None: unix_time(dt) * 1000.0)
+        self._real = real
+
+    def now(self) -> float:
+        """Epoch seconds as moto's SQS sees them."""
+        return self._real() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass inside SQS (and only there)."""
+        self.offset += seconds
+
+
+@pytest.fixture
+def sqs_clock(monkeypatch: pytest.MonkeyPatch) -> SqsClock:
+    """moto's SQS on a clock the test moves by hand."""
+    return SqsClock(monkeypatch)
+
+
+def create_queue_with_dlq(
+    sqs: Any, name: str, *, max_receive_count: int, **attributes: str
+) -> tuple[str, str]:
+    """Create the SQS queue ``name`` whose redrive policy names the dead-letter
+    queue ``<name>-dlq``, as ``serverless.yml`` does; (queue URL, DLQ URL)."""
+    dlq_url = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    policy = {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_receive_count)}
+    url = sqs.create_queue(
+        QueueName=name, Attributes={**attributes, "RedrivePolicy": json.dumps(policy)}
+    )["QueueUrl"]
+    return str(url), str(dlq_url)
+
+
+def bearer_token(
+    secret: str,
+    *,
+    subject: str = "tester",
+    namespaces: Iterable[str] = ("*",),
+    scopes: Iterable[str] = ("deploy", "read", "delete"),
+) -> str:
+    """A token the broker accepts with its default issuer and audience, valid
+    for an hour: every scope and every namespace unless narrowed."""
+    from kidp.auth import mint_token
+
+    return mint_token(
+        secret=secret,
+        subject=subject,
+        scopes=scopes,
+        namespaces=namespaces,
+        ttl_seconds=3600,
+        issuer="kidp",
+        audience="kidp-broker",
+    )
 
 
 @pytest.fixture

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -21,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from tests.conftest import IN_CI, require_service
+from tests.conftest import PrivateServer, require_program, require_service
 
 from kidp.errors import StoreUnavailable
 from kidp.limiters.redis import RedisRateLimiter
@@ -148,60 +144,26 @@ def test_nonsense_arguments_are_refused(
 # ------------------------------------------------------------------- Redis down
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class PrivateRedis:
+class PrivateRedis(PrivateServer):
     """A redis-server of this test's own, without persistence."""
 
     def __init__(self, binary: str, workdir: Path) -> None:
-        self.binary = binary
+        super().__init__(binary)
         self.workdir = workdir
-        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                *("--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "no", "--dir", str(self.workdir)),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("redis-server did not start")
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
+    def command(self) -> list[str]:
+        return [
+            self.binary,
+            *("--port", str(self.port), "--bind", "127.0.0.1"),
+            *("--save", "", "--appendonly", "no", "--dir", str(self.workdir)),
+        ]
 
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        message = "redis-server is not installed"
-        if IN_CI:
-            pytest.fail(f"{message}; CI=true requires it", pytrace=False)
-        pytest.skip(message)
-    server = PrivateRedis(binary, tmp_path)
-    server.start()
-    yield server
-    server.kill()
+    with PrivateRedis(require_program("redis-server"), tmp_path) as server:
+        yield server
 
 
 def test_redis_down_degrades_to_a_limit_per_replica_and_recovers(

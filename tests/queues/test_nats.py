@@ -11,10 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -25,9 +21,10 @@ from typing import Any
 import nats
 import nats.js.errors
 import pytest
-from tests.conftest import IN_CI, require_service
+from tests.conftest import PrivateServer, require_program, require_service
 from tests.queues.contract import QueueContract, job
 
+from kidp.emulator import free_port
 from kidp.errors import StoreUnavailable, ValidationFailed
 from kidp.models import Job, JobKind
 from kidp.ports import Delivery
@@ -51,13 +48,6 @@ def take(queue: NatsJobQueue, max_jobs: int = 10, *, patience: float = SETTLE) -
         got = queue.receive(max_jobs=max_jobs, lease_seconds=queue.ack_wait_seconds)
         if got or time.monotonic() >= deadline:
             return got
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def _delete_streams(server: str, names: list[str]) -> None:
@@ -282,50 +272,23 @@ def test_a_closed_queue_refuses_calls(open_queue: Callable[..., NatsJobQueue]) -
 # ---------------------------------------------------------------- a restarted server
 
 
-class PrivateNats:
+class PrivateNats(PrivateServer):
     """A nats-server of this test's own: its port, its JetStream store directory."""
 
     def __init__(self, binary: str, store: Path) -> None:
-        self.binary = binary
+        super().__init__(binary)
         self.store = store
-        self.port = free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("nats-server did not start")
-
-    def kill(self) -> None:
-        """kill -9: no shutdown, no flush."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
+    def command(self) -> list[str]:
+        return [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)]
 
 
 @pytest.fixture
 def private_nats(tmp_path: Path) -> Iterator[PrivateNats]:
-    binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
-    if not Path(binary).exists():
-        message = "nats-server is not installed"
-        if IN_CI:
-            pytest.fail(f"{message}; CI=true requires it", pytrace=False)
-        pytest.skip(message)
-    server = PrivateNats(binary, tmp_path / "jetstream")
-    server.start()
-    yield server
-    server.kill()
+    binary = require_program("nats-server", "/usr/sbin/nats-server")
+    with PrivateNats(binary, tmp_path / "jetstream") as server:
+        yield server
 
 
 def eventually(condition: Callable[[], bool], *, within: float, what: str) -> None:
