@@ -17,8 +17,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from starlette.testclient import TestClient
-
-from kidp.auth import mint_token
+from tests.conftest import bearer_token
 
 SECRET = "f" * 40
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,18 +60,7 @@ def fuzz_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient
                 os.environ[key] = value
 
 
-AUTH = {
-    "Authorization": "Bearer "
-    + mint_token(
-        secret=SECRET,
-        subject="fuzzer",
-        scopes=["deploy", "read", "delete"],
-        namespaces=["*"],
-        ttl_seconds=3600,
-        issuer="kidp",
-        audience="kidp-broker",
-    )
-}
+AUTH = {"Authorization": f"Bearer {bearer_token(SECRET, subject='fuzzer')}"}
 
 
 @schema.parametrize()

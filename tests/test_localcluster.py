@@ -16,26 +16,14 @@ from typing import Any
 
 import httpx
 import pytest
+from tests.conftest import bearer_token
 
-from kidp.auth import mint_token
 from kidp.localcluster import LocalCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 JWT_SECRET = "cluster-test-secret-" + "x" * 24
 DEPLOYMENTS = 100
-
-
-def token() -> str:
-    return mint_token(
-        secret=JWT_SECRET,
-        subject="scale-test",
-        scopes=["deploy", "read", "delete"],
-        namespaces=["*"],
-        ttl_seconds=3600,
-        issuer="kidp",
-        audience="kidp-broker",
-    )
 
 
 def body(n: int, callback_url: str) -> dict[str, Any]:
@@ -103,7 +91,7 @@ def ready_once(receiver: Any) -> Counter[str]:
 def test_two_api_replicas_and_two_workers_survive_a_killed_worker(
     cluster: LocalCluster, receiver: Any
 ) -> None:
-    headers = {"Authorization": f"Bearer {token()}"}
+    headers = {"Authorization": f"Bearer {bearer_token(JWT_SECRET, subject='scale-test')}"}
     api_urls = [proc.url for proc in cluster.api]
 
     def submit(n: int) -> str:

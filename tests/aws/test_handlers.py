@@ -29,8 +29,8 @@ from typing import Any
 import boto3
 import pytest
 from botocore.awsrequest import AWSResponse, HTTPHeaders
+from tests.conftest import SqsClock, bearer_token, create_queue_with_dlq
 
-from kidp.auth import mint_token
 from kidp.errors import ValidationFailed
 from kidp.models import Job, JobKind
 from kidp.queues.sqs import SqsJobQueue
@@ -66,26 +66,6 @@ class Context:
 
     def get_remaining_time_in_millis(self) -> int:
         return 30_000
-
-
-class SqsClock:
-    """Moves moto's SQS clock (delays, visibility timeouts) forward by hand."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import moto.core.utils as utils
-        import moto.sqs.models as models
-
-        self.offset = 0.0
-        real = utils.unix_time
-
-        def unix_time(dt: Any = None) -> float:
-            return real(dt) + (self.offset if dt is None else 0.0)
-
-        monkeypatch.setattr(models, "unix_time", unix_time)
-        monkeypatch.setattr(models, "unix_time_millis", lambda dt=None: unix_time(dt) * 1000.0)
-
-    def advance(self, seconds: float) -> None:
-        self.offset += seconds
 
 
 @dataclass
@@ -264,26 +244,20 @@ def handlers() -> ModuleType:
 
 @pytest.fixture
 def lam(
-    aws: None, monkeypatch: pytest.MonkeyPatch, receiver: Any, handlers: ModuleType
+    aws: None,
+    monkeypatch: pytest.MonkeyPatch,
+    sqs_clock: SqsClock,
+    receiver: Any,
+    handlers: ModuleType,
 ) -> Iterator[Lambda]:
     """The functions configured as ``serverless.yml`` configures them, on moto."""
     from kidp.edges import aws as edge
     from kidp.stores.dynamodb import DynamoDbDeploymentStore
 
     sqs = boto3.client("sqs", region_name=REGION)
-    dlq_url = sqs.create_queue(QueueName="kidp-jobs-dlq")["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
-        "QueueArn"
-    ]
-    queue_url = sqs.create_queue(
-        QueueName="kidp-jobs",
-        Attributes={
-            "VisibilityTimeout": "60",
-            "RedrivePolicy": json.dumps(
-                {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(MAX_DELIVERIES)}
-            ),
-        },
-    )["QueueUrl"]
+    queue_url, dlq_url = create_queue_with_dlq(
+        sqs, "kidp-jobs", max_receive_count=MAX_DELIVERIES, VisibilityTimeout="60"
+    )
     queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])[
         "Attributes"
     ]["QueueArn"]
@@ -303,15 +277,6 @@ def lam(
     for key, value in environment.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("KIDP_REGION", raising=False)
-    token = mint_token(
-        secret=JWT_SECRET,
-        subject="tester",
-        scopes=["deploy", "read", "delete"],
-        namespaces=["team-platform"],
-        ttl_seconds=3600,
-        issuer="kidp",
-        audience="kidp-broker",
-    )
     edge.reset()
     yield Lambda(
         handlers=handlers,
@@ -320,8 +285,8 @@ def lam(
         dlq_url=dlq_url,
         queue_arn=queue_arn,
         receiver=receiver,
-        clock=SqsClock(monkeypatch),
-        token=token,
+        clock=sqs_clock,
+        token=bearer_token(JWT_SECRET, namespaces=["team-platform"]),
     )
     edge.reset()
 

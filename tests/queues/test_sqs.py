@@ -7,13 +7,12 @@ visibility timeouts are checked without waiting for them.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from typing import Any
 
 import boto3
 import pytest
 from botocore.awsrequest import AWSResponse, HTTPHeaders
+from tests.conftest import SqsClock, create_queue_with_dlq
 
 from kidp.errors import InvalidRequest, PermanentError, StoreUnavailable
 from kidp.models import Job, JobKind
@@ -22,56 +21,16 @@ from kidp.queues.sqs import MAX_DELIVERIES_REASON, SqsDelivery, SqsJobQueue
 REGION = "us-east-1"
 
 
-class SqsClock:
-    """Moves moto's SQS clock (delays, visibility) forward by hand."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import moto.core.utils as utils
-        import moto.sqs.models as models
-
-        self.offset = 0.0
-        real = utils.unix_time
-
-        def unix_time(dt: Any = None) -> float:
-            return real(dt) + (self.offset if dt is None else 0.0)
-
-        monkeypatch.setattr(models, "unix_time", unix_time)
-        monkeypatch.setattr(models, "unix_time_millis", lambda dt=None: unix_time(dt) * 1000.0)
-        self._real = real
-
-    def now(self) -> float:
-        """Epoch seconds as moto's SQS sees them."""
-        return self._real() + self.offset
-
-    def advance(self, seconds: float) -> None:
-        self.offset += seconds
-
-
-@pytest.fixture
-def sqs_clock(monkeypatch: pytest.MonkeyPatch) -> SqsClock:
-    return SqsClock(monkeypatch)
-
-
 @pytest.fixture
 def sqs(aws: None) -> Any:
     return boto3.client("sqs", region_name=REGION)
 
 
 @pytest.fixture
-def queues(sqs: Any) -> Iterator[tuple[str, str]]:
+def queues(sqs: Any) -> tuple[str, str]:
     """(work queue URL, dead-letter queue URL); the work queue's redrive policy
     names the dead-letter queue."""
-    dlq_url = sqs.create_queue(QueueName="kidp-jobs-dlq")["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
-        "QueueArn"
-    ]
-    url = sqs.create_queue(
-        QueueName="kidp-jobs",
-        Attributes={
-            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"})
-        },
-    )["QueueUrl"]
-    yield url, dlq_url
+    return create_queue_with_dlq(sqs, "kidp-jobs", max_receive_count=5)
 
 
 @pytest.fixture
