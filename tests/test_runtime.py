@@ -7,6 +7,7 @@ from typing import Any
 import boto3
 import pytest
 from botocore.config import Config
+from tests.tls import issue_tls_files
 
 from kidp.models import Phase
 from kidp.providers.aws import AwsProvider
@@ -98,45 +99,6 @@ def test_scheduler_runs_reconcile_at_once_and_the_scans_on_their_intervals(
     assert "orphans" in scheduler.run_due()
 
 
-def self_signed(tmp_path: Any) -> tuple[Any, Any]:
-    """A certificate for 127.0.0.1 and its key, as PEM files."""
-    import datetime as dt
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kidp-broker")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
-
-
 def test_tls_serves_http2_over_tls_1_3_only(make_broker: Any, tmp_path: Any) -> None:
     import socket
     import ssl
@@ -146,19 +108,19 @@ def test_tls_serves_http2_over_tls_1_3_only(make_broker: Any, tmp_path: Any) -> 
     from kidp.emulator import free_port
     from kidp.runtime import EmbeddedBroker
 
-    cert_file, key_file = self_signed(tmp_path)
-    h = make_broker(tls_cert_file=cert_file, tls_key_file=key_file)
+    tls = issue_tls_files(tmp_path, "127.0.0.1")
+    h = make_broker(tls_cert_file=tls.cert, tls_key_file=tls.key)
     port = free_port()
     runtime = EmbeddedBroker(h.broker, port=port, role="api")
     runtime.start()
     try:
-        context = ssl.create_default_context(cafile=str(cert_file))
+        context = ssl.create_default_context(cafile=str(tls.ca))
         with httpx.Client(http2=True, verify=context) as client:
             response = client.get(f"https://127.0.0.1:{port}/health")
         assert response.status_code == 200
         assert response.http_version == "HTTP/2"
 
-        old = ssl.create_default_context(cafile=str(cert_file))
+        old = ssl.create_default_context(cafile=str(tls.ca))
         old.maximum_version = ssl.TLSVersion.TLSv1_2
         with (
             socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
