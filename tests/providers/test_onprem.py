@@ -4,17 +4,16 @@ operators, failures, delete, drift, quota, API faults, and the whole broker."""
 
 from __future__ import annotations
 
-import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import kubernetes
 import pytest
-from urllib3.connection import HTTPConnection
+from tests.providers.onprem_support import NS, deployment, kube_client
 
-from kidp import catalog, tags
+from kidp import tags
 from kidp.drift import compare
 from kidp.errors import CloudUnavailable, ProvisioningFailed, QuotaExceeded, ValidationFailed
 from kidp.kube_emulator import KubeEmulator, start_kubernetes_emulator
@@ -23,14 +22,12 @@ from kidp.models import (
     DeletionPolicy,
     Deployment,
     Phase,
-    ResourceSpec,
     ResourceType,
 )
 from kidp.ports import Credentials
 from kidp.providers.onprem import KubernetesProvider
 from kidp.secrets.kubernetes import KubernetesSecretStore
 
-NS = "team-platform"
 PREFIX = "platform.company.com/"
 FIVE = {f"{PREFIX}{name}" for name in tags.TAG_NAMES}
 CREDS = Credentials(username="kidpadmin", password="Zq8Kp2Lm5Nx7Rt4Vw9Yb3Cd6Fg1Hj0Ks")
@@ -40,71 +37,8 @@ CREDS = Credentials(username="kidpadmin", password="Zq8Kp2Lm5Nx7Rt4Vw9Yb3Cd6Fg1H
 
 
 @pytest.fixture
-def emulator() -> Iterator[KubeEmulator]:
-    emu = start_kubernetes_emulator(ready_delay=0.05)
-    yield emu
-    emu.stop()
-
-
-@pytest.fixture
-def kubeconfig(emulator: KubeEmulator, tmp_path: Path) -> Path:
-    return emulator.write_kubeconfig(tmp_path / "kubeconfig")
-
-
-@pytest.fixture
-def api(kubeconfig: Path) -> Any:
-    """A client loaded from the kubeconfig, as kubectl (and the broker) load one."""
-    return kube_client(kubeconfig)
-
-
-def kube_client(kubeconfig: Path) -> Any:
-    configuration = kubernetes.client.Configuration()
-    kubernetes.config.load_kube_config(
-        config_file=str(kubeconfig), client_configuration=configuration
-    )
-    # The stand-in writes a response's headers and body in two sends, so on a
-    # reused keep-alive connection Nagle meets the client's delayed ACK and
-    # every answer waits 40 ms; acknowledging at once avoids the stall.
-    options = list(HTTPConnection.default_socket_options)
-    if hasattr(socket, "TCP_QUICKACK"):
-        options.append((socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1))
-    configuration.socket_options = options
-    return kubernetes.client.ApiClient(configuration)
-
-
-@pytest.fixture
 def provider(api: Any) -> KubernetesProvider:
     return KubernetesProvider(api_client=api, context="test", discovery_ttl_seconds=0)
-
-
-def deployment(
-    resource_type: ResourceType = ResourceType.DATABASE,
-    *,
-    name: str = "app-db",
-    policy: DeletionPolicy = DeletionPolicy.DELETE,
-    deployment_id: str = "deploy-" + "ab" * 16,
-    **spec: Any,
-) -> Deployment:
-    if resource_type is ResourceType.DATABASE:
-        spec.setdefault("engine", "postgresql")
-        spec.setdefault("version", "15")
-    normalized = catalog.normalize(resource_type, ResourceSpec(**spec), catalog.ENGINES)
-    return Deployment(
-        id=deployment_id,
-        namespace=NS,
-        resource_type=resource_type,
-        resource_name=name,
-        team="platform-team",
-        owner="owner@example.com",
-        application="user-service",
-        resource_uid="550e8400-e29b-41d4-a716-446655440000",
-        callback_url=None,
-        spec=normalized,
-        spec_fingerprint="x",
-        deletion_policy=policy,
-        provider="onprem",
-        region="test",
-    )
 
 
 def deploy(
@@ -115,14 +49,39 @@ def deploy(
     return dep.model_copy(update={"cloud_resource_id": resource.cloud_resource_id})
 
 
-def settle(provider: KubernetesProvider, dep: Deployment, timeout: float = 5.0) -> CloudResource:
-    """Poll until the resource leaves ``creating`` (as the worker's poll jobs do)."""
+def settle(
+    provider: KubernetesProvider,
+    dep: Deployment,
+    timeout: float = 5.0,
+    *,
+    until: str | None = None,
+) -> CloudResource:
+    """Poll until the resource leaves ``creating`` (as the worker's poll jobs do),
+    or, given ``until``, until it reaches that state; the last status on timeout."""
     deadline = time.monotonic() + timeout
     while True:
         resource = provider.get_status(dep)
-        if resource.state != "creating" or time.monotonic() > deadline:
+        done = resource.state != "creating" if until is None else resource.state == until
+        if done or time.monotonic() > deadline:
             return resource
         time.sleep(0.05)
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Whether ``condition()`` holds within ``timeout`` seconds (for watch threads)."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def work_until(h: Any, deployment_id: str, phase: Phase, timeout: float = 10.0) -> None:
+    """Run the broker's worker until the deployment reaches ``phase``."""
+    deadline = time.monotonic() + timeout
+    while h.store.get(deployment_id).phase is not phase:
+        assert time.monotonic() < deadline, h.store.get(deployment_id).message
+        h.worker.run_once()
+        time.sleep(0.02)
 
 
 def delete_all(provider: KubernetesProvider, dep: Deployment, timeout: float = 5.0) -> None:
@@ -417,11 +376,7 @@ def test_an_image_that_cannot_be_pulled_fails_with_the_reason(
 ) -> None:
     emulator.fail_images("postgres:16*")
     dep = deploy(provider, deployment(version="16"))
-    deadline = time.monotonic() + 5
-    resource = provider.get_status(dep)
-    while resource.state != "failed" and time.monotonic() < deadline:
-        time.sleep(0.05)
-        resource = provider.get_status(dep)
+    resource = settle(provider, dep, until="failed")
     assert resource.state == "failed"
     assert "pod app-db-0" in resource.message
     assert "ImagePullBackOff" in resource.message or "ErrImagePull" in resource.message
@@ -433,11 +388,7 @@ def test_an_unschedulable_pod_fails_with_the_schedulers_reason(
 ) -> None:
     emulator.make_unschedulable("app-db-*")
     dep = deploy(provider, deployment(size="xlarge"))
-    deadline = time.monotonic() + 5
-    resource = provider.get_status(dep)
-    while resource.state != "failed" and time.monotonic() < deadline:
-        time.sleep(0.05)
-        resource = provider.get_status(dep)
+    resource = settle(provider, dep, until="failed")
     assert resource.state == "failed"
     assert resource.message.startswith("pod app-db-0 cannot be scheduled: 0/3 nodes are available")
 
@@ -722,11 +673,7 @@ def test_the_whole_broker_provisions_to_ready_and_deletes_through_kubernetes(
         region="emulator",
     )
     accepted = h.submit()
-    deadline = time.monotonic() + 10
-    while h.store.get(accepted.deployment_id).phase is not Phase.READY:
-        assert time.monotonic() < deadline, h.store.get(accepted.deployment_id).message
-        h.worker.run_once()
-        time.sleep(0.02)
+    work_until(h, accepted.deployment_id, Phase.READY)
     h.drain()
     ready = h.receiver.log[-1][1]
     assert ready["phase"] == "Ready"
@@ -768,11 +715,7 @@ def test_the_whole_broker_provisions_to_ready_and_deletes_through_kubernetes(
     assert h.receiver.log[-1][1]["additionalMetadata"]["credentialsRotated"] is True
 
     h.deprovision(accepted.deployment_id)
-    deadline = time.monotonic() + 10
-    while h.store.get(accepted.deployment_id).phase is not Phase.DELETED:
-        assert time.monotonic() < deadline, h.store.get(accepted.deployment_id).message
-        h.worker.run_once()
-        time.sleep(0.02)
+    work_until(h, accepted.deployment_id, Phase.DELETED)
     h.drain()
     assert h.phases()[-2:] == ["Deleting", "Deleted"]
     for plural in ("secrets", "persistentvolumeclaims", "services", "pods"):
@@ -827,17 +770,11 @@ def test_the_watcher_reports_changes_to_managed_objects(
         assert watcher.watching.wait(5)
         dep = deploy(provider, deployment())
         settle(provider, dep)
-        deadline = time.monotonic() + 5
-        while dep.id not in seen and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert dep.id in seen
+        assert eventually(lambda: dep.id in seen)
         # Someone deletes the StatefulSet by hand: the watcher says so at once.
         seen.clear()
         emulator.delete_object("apps/v1", "statefulsets", "app-db", NS)
-        deadline = time.monotonic() + 5
-        while dep.id not in seen and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert dep.id in seen
+        assert eventually(lambda: dep.id in seen)
         assert provider.get_status(dep).state == "missing"
     finally:
         started = time.monotonic()

@@ -13,9 +13,10 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+from tests.providers.onprem_support import deployment
 
 from kidp import catalog, tags
-from kidp.models import DeletionPolicy, Deployment, ResourceSpec, ResourceType, Size
+from kidp.models import DeletionPolicy, Deployment, ResourceType, Size
 from kidp.providers import onprem_manifests as m
 
 #: The Kubernetes release every manifest is checked against, and the releases
@@ -24,33 +25,6 @@ from kidp.providers import onprem_manifests as m
 KUBE_VERSION = "1.30"
 KUBE_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
 LABEL = "platform.company.com/deployment-id"
-
-
-def deployment(
-    resource_type: ResourceType = ResourceType.DATABASE,
-    *,
-    name: str = "app-db",
-    namespace: str = "team-platform",
-    policy: DeletionPolicy = DeletionPolicy.DELETE,
-    **spec: Any,
-) -> Deployment:
-    normalized = catalog.normalize(resource_type, ResourceSpec(**spec), catalog.ENGINES)
-    return Deployment(
-        id="deploy-" + "ab" * 16,
-        namespace=namespace,
-        resource_type=resource_type,
-        resource_name=name,
-        team="platform-team",
-        owner="owner@example.com",
-        application="user-service",
-        resource_uid="550e8400-e29b-41d4-a716-446655440000",
-        callback_url=None,
-        spec=normalized,
-        spec_fingerprint="x",
-        deletion_policy=policy,
-        provider="onprem",
-        region="test",
-    )
 
 
 def target(dep: Deployment, *, storage_class: str | None = None) -> m.Target:

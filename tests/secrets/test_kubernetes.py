@@ -5,16 +5,13 @@ races, and no value ever in a message."""
 from __future__ import annotations
 
 import logging
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
-import kubernetes
 import pytest
-from urllib3.connection import HTTPConnection
+from tests.providers.onprem_support import kube_client
 
 from kidp.errors import NotFound, ProvisioningFailed, StoreUnavailable, ValidationFailed
-from kidp.kube_emulator import KubeEmulator, start_kubernetes_emulator
+from kidp.kube_emulator import KubeEmulator
 from kidp.providers.onprem import decode_secret
 from kidp.secrets.kubernetes import KubernetesSecretStore
 
@@ -29,29 +26,8 @@ TAGS = {
 
 
 @pytest.fixture
-def emulator() -> Iterator[KubeEmulator]:
-    emu = start_kubernetes_emulator(ready_delay=0.05)
-    yield emu
-    emu.stop()
-
-
-@pytest.fixture
-def kubeconfig(emulator: KubeEmulator, tmp_path: Path) -> Path:
-    return emulator.write_kubeconfig(tmp_path / "kubeconfig")
-
-
-@pytest.fixture
 def store(kubeconfig: Path) -> KubernetesSecretStore:
-    configuration = kubernetes.client.Configuration()
-    kubernetes.config.load_kube_config(
-        config_file=str(kubeconfig), client_configuration=configuration
-    )
-    # Avoids the stand-in's 40 ms Nagle/delayed-ACK stall on reused connections.
-    options = list(HTTPConnection.default_socket_options)
-    if hasattr(socket, "TCP_QUICKACK"):
-        options.append((socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1))
-    configuration.socket_options = options
-    return KubernetesSecretStore(api_client=kubernetes.client.ApiClient(configuration))
+    return KubernetesSecretStore(api_client=kube_client(kubeconfig))
 
 
 def value(password: str = "first-password-0123456789") -> dict[str, str]:

@@ -1,0 +1,6 @@
+"""Fixtures of the secret store tests: the Kubernetes API stand-in, shared with
+the on-prem provider's tests (``tests/providers/onprem_support.py``)."""
+
+from tests.providers.onprem_support import emulator, kubeconfig
+
+__all__ = ["emulator", "kubeconfig"]
