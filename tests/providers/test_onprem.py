@@ -30,6 +30,15 @@ from kidp.secrets.kubernetes import KubernetesSecretStore
 
 PREFIX = "platform.company.com/"
 FIVE = {f"{PREFIX}{name}" for name in tags.TAG_NAMES}
+#: What a plain (operator-less) database deployment makes, as (apiVersion, plural).
+PLAIN_KINDS = (
+    ("apps/v1", "statefulsets"),
+    ("v1", "services"),
+    ("v1", "secrets"),
+    ("v1", "configmaps"),
+    ("v1", "persistentvolumeclaims"),
+    ("v1", "pods"),
+)
 CREDS = Credentials(username="kidpadmin", password="Zq8Kp2Lm5Nx7Rt4Vw9Yb3Cd6Fg1Hj0Ks")
 
 
@@ -125,14 +134,7 @@ def test_deploy_reaches_available_with_endpoint_port_and_labelled_objects(
         "host": "app-db.team-platform.svc.cluster.local",
         "port": "5432",
     }
-    for gv, plural in (
-        ("apps/v1", "statefulsets"),
-        ("v1", "services"),
-        ("v1", "secrets"),
-        ("v1", "configmaps"),
-        ("v1", "persistentvolumeclaims"),
-        ("v1", "pods"),
-    ):
+    for gv, plural in PLAIN_KINDS:
         objects = emulator.objects(gv, plural, NS)
         assert objects, plural
         for obj in objects:
@@ -413,14 +415,7 @@ def test_delete_removes_everything_including_claims_and_is_idempotent(
     assert settle(provider, dep).state == "available"
     assert len(names(emulator, "v1", "persistentvolumeclaims")) == 2
     delete_all(provider, dep)
-    for gv, plural in (
-        ("apps/v1", "statefulsets"),
-        ("v1", "services"),
-        ("v1", "secrets"),
-        ("v1", "configmaps"),
-        ("v1", "persistentvolumeclaims"),
-        ("v1", "pods"),
-    ):
+    for gv, plural in PLAIN_KINDS:
         assert names(emulator, gv, plural) == [], plural
     assert provider.delete(dep) is True
     assert provider.get_status(dep).state == "missing"
