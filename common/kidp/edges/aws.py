@@ -66,7 +66,7 @@ import os
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from functools import partial
+from functools import partial, wraps
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -368,6 +368,22 @@ def _flush_metrics(function: str) -> None:
         log.warning("EMF metrics could not be written", exc_info=True)
 
 
+def _entry_point(body: F) -> F:
+    """``body`` as a Lambda entry point: traced when tracing is on, Powertools'
+    Lambda context in its log records, and the metrics it recorded written as
+    EMF when it ends (under the ``function`` dimension of its name), whatever
+    the outcome."""
+
+    @wraps(body)
+    def handler(event: dict[str, Any], context: Any) -> Any:
+        try:
+            return body(event, context)
+        finally:
+            _flush_metrics(body.__name__)
+
+    return traced(logger.inject_lambda_context(clear_state=True)(cast("F", handler)))
+
+
 # ------------------------------------------------------------------------ api
 
 
@@ -380,7 +396,9 @@ def _asgi_handler() -> Callable[[dict[str, Any], Any], dict[str, Any]]:
     return _container.http
 
 
-def _serve_http(event: dict[str, Any], context: Any) -> dict[str, Any]:
+@_entry_point
+def api(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """API Gateway HTTP API event -> the broker's ASGI app -> HTTP response."""
     request_id = str(event.get("requestContext", {}).get("requestId") or "")
     headers = {str(k).lower(): v for k, v in (event.get("headers") or {}).items()}
     if request_id and not headers.get("x-correlation-id"):
@@ -396,7 +414,6 @@ def _serve_http(event: dict[str, Any], context: Any) -> dict[str, Any]:
         return handler(event, context)
     finally:
         correlation_id.reset(token)
-        _flush_metrics("api")
 
 
 def _broker_unavailable(exc: BrokerError) -> dict[str, Any]:
@@ -484,29 +501,28 @@ def _work_record(b: Broker, queue: SqsJobQueue, record: SQSRecord) -> None:
         correlation_id.reset(token)
 
 
-def _work_batch(event: dict[str, Any], context: Any) -> dict[str, Any]:
+@_entry_point
+def worker(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """SQS batch -> one job per record -> ``{"batchItemFailures": [...]}``."""
     from aws_lambda_powertools.utilities.batch import (
         BatchProcessor,
         EventType,
         process_partial_response,
     )
 
-    try:
-        b = broker()
-        queue = _sqs_queue(b)
-        # Not raising when every record failed: the response already says which
-        # failed, and each one's visibility already holds its own delay.
-        processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
-        return dict(
-            process_partial_response(
-                event=event,
-                record_handler=partial(_work_record, b, queue),
-                processor=processor,
-                context=context,
-            )
+    b = broker()
+    queue = _sqs_queue(b)
+    # Not raising when every record failed: the response already says which
+    # failed, and each one's visibility already holds its own delay.
+    processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
+    return dict(
+        process_partial_response(
+            event=event,
+            record_handler=partial(_work_record, b, queue),
+            processor=processor,
+            context=context,
         )
-    finally:
-        _flush_metrics("worker")
+    )
 
 
 # ----------------------------------------------------------------------- scan
@@ -528,7 +544,9 @@ def scan_name(event: Mapping[str, Any]) -> str:
     return name
 
 
-def _run_scan(event: dict[str, Any], context: Any) -> dict[str, Any]:
+@_entry_point
+def scan(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """EventBridge schedule -> one scan -> its result."""
     from kidp.scans import run_scan
 
     name = scan_name(event)
@@ -539,7 +557,6 @@ def _run_scan(event: dict[str, Any], context: Any) -> dict[str, Any]:
         return {"scan": name, "result": result}
     finally:
         correlation_id.reset(token)
-        _flush_metrics("scan")
 
 
 # ------------------------------------------------------------------------ dlq
@@ -563,7 +580,9 @@ def _letter(letter: DeadLetter) -> dict[str, Any]:
     }
 
 
-def _dead_letters(event: dict[str, Any], context: Any) -> dict[str, Any]:
+@_entry_point
+def dlq(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """``{"action": "list" | "redrive", "ids"?: [...]}`` -> dead letters."""
     from kidp.queues.sqs import SqsJobQueue
 
     action = event.get("action", "list")
@@ -617,35 +636,3 @@ def _dead_letters(event: dict[str, Any], context: Any) -> dict[str, Any]:
         raise ValidationFailed(f"unknown action '{action}': use list or redrive")
     finally:
         correlation_id.reset(token)
-        _flush_metrics("dlq")
-
-
-# --------------------------------------------------------------- entry points
-
-
-@traced
-@logger.inject_lambda_context(clear_state=True)
-def api(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    """API Gateway HTTP API event -> the broker's ASGI app -> HTTP response."""
-    return _serve_http(event, context)
-
-
-@traced
-@logger.inject_lambda_context(clear_state=True)
-def worker(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    """SQS batch -> one job per record -> ``{"batchItemFailures": [...]}``."""
-    return _work_batch(event, context)
-
-
-@traced
-@logger.inject_lambda_context(clear_state=True)
-def scan(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    """EventBridge schedule -> one scan -> its result."""
-    return _run_scan(event, context)
-
-
-@traced
-@logger.inject_lambda_context(clear_state=True)
-def dlq(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    """``{"action": "list" | "redrive", "ids"?: [...]}`` -> dead letters."""
-    return _dead_letters(event, context)
