@@ -26,14 +26,23 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import httpx
 import jwt
 from jwt.exceptions import InvalidSubjectError
 
-from kidp.errors import AuthUnavailable, Forbidden, Unauthorized, ValidationFailed
+from kidp.callers import (
+    KNOWN_SCOPES,
+    SCOPE_DELETE,
+    SCOPE_DEPLOY,
+    SCOPE_READ,
+    Caller,
+)
+from kidp.errors import AuthUnavailable, Unauthorized, ValidationFailed
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = [
     "SCOPE_DELETE",
@@ -48,12 +57,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCOPE_DEPLOY = "deploy"
-SCOPE_READ = "read"
-SCOPE_DELETE = "delete"
-KNOWN_SCOPES = frozenset({SCOPE_DEPLOY, SCOPE_READ, SCOPE_DELETE})
-
-ALL_NAMESPACES = "*"
 
 # HMAC algorithms and the shortest secret each accepts: RFC 7518 section 3.2
 # asks for a key at least as long as the hash output.
@@ -91,24 +94,6 @@ _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 _REQUIRED_CLAIMS = ["exp", "iss", "aud", "sub"]
 _TTL_UNITS: Mapping[str, int] = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _TTL_PATTERN = re.compile(r"(\d+)([smhd]?)")
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who sent a request, as stated by a verified token."""
-
-    subject: str
-    scopes: frozenset[str]
-    namespaces: frozenset[str]
-
-    def may_access(self, namespace: str) -> bool:
-        """True if the token grants ``namespace`` (``"*"`` grants every namespace)."""
-        return ALL_NAMESPACES in self.namespaces or namespace in self.namespaces
-
-    def require_scope(self, scope: str) -> None:
-        """Raise :class:`Forbidden` unless the token carries ``scope``."""
-        if scope not in self.scopes:
-            raise Forbidden(f"token lacks scope '{scope}'")
 
 
 @dataclass(frozen=True)
@@ -293,6 +278,10 @@ class TokenVerifier:
             return self._keyset
 
     def _fetch(self, now: float) -> _KeySet | None:
+        # Imported here: only a JWKS-configured broker fetches keys, and the
+        # HTTP client is a large part of the API function's cold start.
+        import httpx
+
         assert self._jwks_url is not None
         host = urlsplit(self._jwks_url).hostname
         try:

@@ -14,7 +14,6 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from kidp.auth import TokenVerifier
 from kidp.callbacks import CallbackSender
 from kidp.errors import ValidationFailed
 from kidp.limits import InMemoryRateLimiter
@@ -27,6 +26,7 @@ from kidp.ssrf import Allowlist
 
 if TYPE_CHECKING:
     from kidp.api import Gatekeeper
+    from kidp.auth import TokenVerifier
 
 PROVIDERS = ("aws", "onprem")
 
@@ -40,9 +40,14 @@ class Broker:
     settings: Settings
     service: BrokerService
     scanner: Scanner
-    verifier: TokenVerifier
     limiter: RateLimiter
     closers: list[Any] = field(default_factory=list)
+
+    @cached_property
+    def verifier(self) -> TokenVerifier:
+        """Bearer-token verification, built with the API: only it verifies
+        tokens, and the JWT library is no part of a worker's cold start."""
+        return build_verifier(self.settings)
 
     @cached_property
     def app(self) -> Gatekeeper:
@@ -210,6 +215,8 @@ def build_limiter(settings: Settings) -> RateLimiter:
 
 def build_verifier(settings: Settings) -> TokenVerifier:
     """Bearer token verification fixed by configuration (HS256 or a JWKS URL)."""
+    from kidp.auth import TokenVerifier
+
     if not settings.jwt_secret and not settings.jwt_jwks_url:
         log.warning(
             "KIDP_JWT_SECRET and KIDP_JWT_JWKS_URL are unset: using the development "
@@ -278,7 +285,6 @@ def build(
         metrics=metrics,
     )
     scanner = Scanner(service)
-    verifier = build_verifier(settings)
     if limiter is None:
         limiter = build_limiter(settings)
         _close_with_broker(limiter, closers)
@@ -286,7 +292,6 @@ def build(
         settings=settings,
         service=service,
         scanner=scanner,
-        verifier=verifier,
         limiter=limiter,
         closers=closers,
     )

@@ -23,13 +23,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final
-
-import httpx
+from typing import TYPE_CHECKING, Final
 
 from kidp.errors import ValidationFailed
 from kidp.models import CallbackEvent
 from kidp.ssrf import Allowlist, Resolver, default_resolve, pin
+
+if TYPE_CHECKING:
+    import httpx
 
 #: Seconds between attempts of one event; after the last one it is dead-lettered.
 #: Documentation for the service, which schedules the retries as delayed jobs.
@@ -102,20 +103,32 @@ class CallbackSender:
         self._resolve = resolve
         self._clock = clock
         self._user_agent = user_agent
-        self._client = httpx.Client(
-            transport=transport,
-            timeout=httpx.Timeout(timeout_seconds),
-            # A redirect would send the signed body to a URL nobody checked.
-            follow_redirects=False,
-            # A proxy from the environment would resolve the name itself and
-            # undo the pinning.
-            trust_env=False,
-            # The pool is keyed by IP and port, not by host name: a kept-alive
-            # TLS connection verified for one name could carry a callback meant
-            # for another name on the same address. Callbacks are rare enough
-            # that a fresh connection each time costs nothing that matters.
-            limits=httpx.Limits(max_keepalive_connections=0),
-        )
+        self._timeout_seconds = timeout_seconds
+        self._transport = transport
+        self._http: httpx.Client | None = None
+
+    @property
+    def _client(self) -> httpx.Client:
+        # Built at the first callback: most functions (the API, scans) never
+        # send one, and importing the HTTP client is a fifth of a cold start.
+        if self._http is None:
+            import httpx
+
+            self._http = httpx.Client(
+                transport=self._transport,
+                timeout=httpx.Timeout(self._timeout_seconds),
+                # A redirect would send the signed body to a URL nobody checked.
+                follow_redirects=False,
+                # A proxy from the environment would resolve the name itself and
+                # undo the pinning.
+                trust_env=False,
+                # The pool is keyed by IP and port, not by host name: a kept-alive
+                # TLS connection verified for one name could carry a callback meant
+                # for another name on the same address. Callbacks are rare enough
+                # that a fresh connection each time costs nothing that matters.
+                limits=httpx.Limits(max_keepalive_connections=0),
+            )
+        return self._http
 
     def send(self, event: CallbackEvent) -> DeliveryResult:
         """POST ``event.payload`` to ``event.url`` once; never raises for a failed delivery.
@@ -145,13 +158,16 @@ class CallbackSender:
             "webhook-signature": signature,
         }
         extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else None
+        client = self._client
+        import httpx  # imported by the client above
+
         try:
-            request = self._client.build_request(
+            request = client.build_request(
                 "POST", target.url, content=body, headers=headers, extensions=extensions
             )
             # Streamed and closed unread: only the status matters, and a
             # receiver must not be able to make the broker download a large body.
-            response = self._client.send(request, stream=True)
+            response = client.send(request, stream=True)
             response.close()
         except httpx.TimeoutException:
             return DeliveryResult(ok=False, status_code=None, error="timeout")
@@ -179,7 +195,9 @@ class CallbackSender:
 
     def close(self) -> None:
         """Release the HTTP client's connections."""
-        self._client.close()
+        if self._http is not None:
+            self._http.close()
+            self._http = None
 
     def __enter__(self) -> CallbackSender:
         return self

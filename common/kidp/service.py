@@ -31,8 +31,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from kidp import catalog, pricing
-from kidp.auth import SCOPE_DELETE, SCOPE_DEPLOY, SCOPE_READ, Caller
 from kidp.callbacks import CallbackSender
+from kidp.callers import SCOPE_DELETE, SCOPE_DEPLOY, SCOPE_READ, Caller
 from kidp.drift import compare
 from kidp.errors import (
     BrokerError,
