@@ -80,15 +80,16 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
+from pydantic import BaseModel
 
-from kidp.errors import ConcurrentUpdate, DuplicateDeployment, StoreUnavailable
+from kidp.errors import DuplicateDeployment, StoreUnavailable
 from kidp.models import (
     ACTIVE_PHASES,
     CallbackEvent,
@@ -97,9 +98,9 @@ from kidp.models import (
     Deployment,
     Phase,
     ResourceType,
-    utcnow,
 )
 from kidp.providers.aws_errors import THROTTLING_CODES, error_code, is_temporary
+from kidp.stores.records import as_utc, stale, started
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.client import DynamoDBClient
@@ -122,6 +123,7 @@ log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
+M = TypeVar("M", bound=BaseModel)
 
 Item = dict[str, "AttributeValueTypeDef"]
 
@@ -291,8 +293,7 @@ def _str(item: Mapping[str, Any], name: str) -> str | None:
 def _ts(value: datetime) -> str:
     """Fixed-width UTC ISO-8601 with microseconds: string order is time order.
     Naive values are taken as UTC, as the SQL store does."""
-    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return as_utc(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _order(created: datetime, ident: str) -> str:
@@ -475,8 +476,9 @@ class DynamoDbDeploymentStore:
 
     @translate_errors
     def create(self, deployment: Deployment) -> Deployment:
-        """Insert ``deployment``; ``DuplicateDeployment`` when its resource is held by
-        an active deployment or its namespace/request id (or id) already exists."""
+        """As :meth:`kidp.stores.sql.SqlDeploymentStore.create`, in
+        one transaction: the item (absent until now), the locks it takes and,
+        for a Provisioning record, its namespace's count."""
         actions: list[TransactWriteItemTypeDef] = [
             {
                 "Put": {
@@ -531,14 +533,9 @@ class DynamoDbDeploymentStore:
         expected_version: int,
         events: Sequence[CallbackEvent] = (),
     ) -> Deployment:
-        """Write ``deployment`` and ``events`` in one transaction if the stored
-        version is still ``expected_version``; returns it at ``expected_version + 1``.
-
-        ``ConcurrentUpdate`` when someone else wrote first (nothing is written,
-        events included); ``DuplicateDeployment`` when the change would make it a
-        second active deployment of its resource. Locks and the namespace's
-        Provisioning count follow the change in the same transaction.
-        """
+        """As :meth:`kidp.stores.sql.SqlDeploymentStore.save`, in
+        one transaction: the item (conditioned on ``expected_version``), the
+        events, and the lock and Provisioning-count changes that follow it."""
         record = deployment.model_copy(update={"version": expected_version + 1})
         # Last one wins for a repeated event id, as with the SQL upsert; a
         # transaction may touch an item only once.
@@ -546,7 +543,7 @@ class DynamoDbDeploymentStore:
         for attempt in range(_MAX_ATTEMPTS):
             current = self._get(record.id)
             if current is None or current.version != expected_version:
-                raise _stale(record.id, expected_version)
+                raise stale(record.id, expected_version)
             actions: list[TransactWriteItemTypeDef] = [
                 self._put_versioned(record, expected_version)
             ]
@@ -561,7 +558,7 @@ class DynamoDbDeploymentStore:
                 return record
             except _Cancelled as cancelled:
                 if cancelled.failed(0):
-                    raise _stale(record.id, expected_version) from None
+                    raise stale(record.id, expected_version) from None
                 if cancelled.conditional:
                     holder = self._holder(record, exclude_id=record.id)
                     if holder is not None:
@@ -573,32 +570,19 @@ class DynamoDbDeploymentStore:
 
     @translate_errors
     def try_start(self, deployment_id: str, *, expected_version: int, cap: int) -> bool:
-        """Move a Pending deployment to Provisioning while fewer than ``cap`` of its
-        namespace are Provisioning; True if it was started.
-
-        False when the cap is reached, or the deployment is missing or not
-        Pending; ``ConcurrentUpdate`` when its version is no longer
-        ``expected_version``. The change and the namespace counter's increment
-        (conditioned on ``provisioning < cap``) are one transaction, so the cap
-        holds across processes.
-        """
+        """As :meth:`kidp.stores.sql.SqlDeploymentStore.try_start`;
+        here the change and the namespace counter's increment (conditioned on
+        ``provisioning < cap``) are one transaction, so the cap holds across
+        processes."""
         for attempt in range(_MAX_ATTEMPTS):
             current = self._get(deployment_id)
             if current is None:
                 return False
             if current.version != expected_version:
-                raise _stale(deployment_id, expected_version)
+                raise stale(deployment_id, expected_version)
             if current.phase is not Phase.PENDING or cap <= 0:
                 return False
-            now = utcnow()
-            started = current.model_copy(
-                update={
-                    "phase": Phase.PROVISIONING,
-                    "started_at": now,
-                    "updated_at": now,
-                    "version": expected_version + 1,
-                }
-            )
+            start = self._put_versioned(started(current, expected_version), expected_version)
             increment: TransactWriteItemTypeDef = {
                 "Update": {
                     "TableName": self.table_name,
@@ -610,13 +594,13 @@ class DynamoDbDeploymentStore:
                 }
             }
             try:
-                self._transact([self._put_versioned(started, expected_version), increment])
+                self._transact([start, increment])
                 return True
             except _Cancelled as cancelled:
                 if cancelled.failed(0):
                     after = self._get(deployment_id)
                     if after is not None and after.version != expected_version:
-                        raise _stale(deployment_id, expected_version) from None
+                        raise stale(deployment_id, expected_version) from None
                     return False
                 if cancelled.failed(1):
                     return False
@@ -687,8 +671,7 @@ class DynamoDbDeploymentStore:
     @translate_errors
     def get_event(self, event_id: str) -> CallbackEvent | None:
         """The outbox event with this id, or None."""
-        item = self._get_item(_event_key(event_id))
-        return None if item is None else CallbackEvent.model_validate_json(_body(item))
+        return self._read(_event_key(event_id), CallbackEvent)
 
     @translate_errors
     def save_event(self, event: CallbackEvent) -> None:
@@ -735,8 +718,7 @@ class DynamoDbDeploymentStore:
     @translate_errors
     def get_dead_letter(self, letter_id: str) -> DeadLetter | None:
         """The dead letter with this id, or None."""
-        item = self._get_item(_letter_key(letter_id))
-        return None if item is None else DeadLetter.model_validate_json(_body(item))
+        return self._read(_letter_key(letter_id), DeadLetter)
 
     @translate_errors
     def save_dead_letter(self, letter: DeadLetter) -> None:
@@ -905,23 +887,25 @@ class DynamoDbDeploymentStore:
             }
         }
 
+    def _release(self, pk: str, owner: Deployment) -> TransactWriteItemTypeDef:
+        # Only while ``owner`` holds it: an expired lock may have been taken
+        # by a newer deployment since, and that one's lock is not ours to drop.
+        return {
+            "Delete": {
+                "TableName": self.table_name,
+                "Key": _key(pk, _LOCK),
+                "ConditionExpression": "#owner = :id",
+                "ExpressionAttributeNames": {"#owner": "deploymentId"},
+                "ExpressionAttributeValues": {":id": _s(owner.id)},
+            }
+        }
+
     def _lock_changes(
         self, current: Deployment, record: Deployment
     ) -> builtins.list[TransactWriteItemTypeDef]:
         """Lock actions taking ``current`` (as stored) to ``record``."""
         before, after = _locks(current), _locks(record)
-        actions: builtins.list[TransactWriteItemTypeDef] = [
-            {
-                "Delete": {
-                    "TableName": self.table_name,
-                    "Key": _key(pk, _LOCK),
-                    "ConditionExpression": "#owner = :id",
-                    "ExpressionAttributeNames": {"#owner": "deploymentId"},
-                    "ExpressionAttributeValues": {":id": _s(current.id)},
-                }
-            }
-            for pk in sorted(before - after)
-        ]
+        actions = [self._release(pk, current) for pk in sorted(before - after)]
         actions += [self._acquire(pk, record) for pk in sorted(after - before)]
         if self._deployment_expiry(current) != self._deployment_expiry(record):
             # A lock kept through the change (the request id) follows the
@@ -982,18 +966,7 @@ class DynamoDbDeploymentStore:
                 },
             }
         }
-        release: builtins.list[TransactWriteItemTypeDef] = [
-            {
-                "Delete": {
-                    "TableName": self.table_name,
-                    "Key": _key(pk, _LOCK),
-                    "ConditionExpression": "#owner = :id",
-                    "ExpressionAttributeNames": {"#owner": "deploymentId"},
-                    "ExpressionAttributeValues": {":id": _s(deployment.id)},
-                }
-            }
-            for pk in sorted(_locks(deployment))
-        ]
+        release = [self._release(pk, deployment) for pk in sorted(_locks(deployment))]
         for attempt in range(_MAX_ATTEMPTS):
             try:
                 self._transact([delete, *release])
@@ -1040,9 +1013,13 @@ class DynamoDbDeploymentStore:
         item: dict[str, Any] | None = answer.get("Item")
         return item
 
+    def _read(self, key: Item, model: type[M]) -> M | None:
+        """The record stored whole in item ``key``'s body, or None."""
+        item = self._get_item(key)
+        return None if item is None else model.model_validate_json(_body(item))
+
     def _get(self, deployment_id: str) -> Deployment | None:
-        item = self._get_item(_deployment_key(deployment_id))
-        return None if item is None else Deployment.model_validate_json(_body(item))
+        return self._read(_deployment_key(deployment_id), Deployment)
 
     def _lock_owner(self, pk: str) -> str | None:
         """The deployment id holding lock ``pk``, or None when free or expired."""
@@ -1163,7 +1140,3 @@ class DynamoDbDeploymentStore:
 
 def _body(item: Mapping[str, Any]) -> str:
     return str(item["body"]["S"])
-
-
-def _stale(deployment_id: str, expected_version: int) -> ConcurrentUpdate:
-    return ConcurrentUpdate(f"deployment {deployment_id} changed since version {expected_version}")

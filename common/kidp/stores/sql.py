@@ -29,7 +29,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -37,7 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.engine import Connection, CursorResult, Dialect, Engine
 
-from kidp.errors import ConcurrentUpdate, DuplicateDeployment, StoreUnavailable
+from kidp.errors import DuplicateDeployment, StoreUnavailable
 from kidp.models import (
     ACTIVE_PHASES,
     CallbackEvent,
@@ -46,8 +46,8 @@ from kidp.models import (
     Deployment,
     Phase,
     ResourceType,
-    utcnow,
 )
+from kidp.stores.records import as_utc, stale, started
 
 __all__ = [
     "SqlDeploymentStore",
@@ -276,14 +276,14 @@ class UtcDateTime(sa.types.TypeDecorator[datetime]):
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        value = as_utc(value)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: Any | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         assert isinstance(value, datetime)
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return as_utc(value)
 
 
 def _timestamp(name: str, *, nullable: bool = True) -> sa.Column[datetime]:
@@ -510,9 +510,7 @@ class SqlDeploymentStore:
                 if result.rowcount != 1:
                     # Raising inside the block rolls the transaction back, so
                     # the events below are never written without their state.
-                    raise ConcurrentUpdate(
-                        f"deployment {record.id} changed since version {expected_version}"
-                    )
+                    raise stale(record.id, expected_version)
                 for item in events:
                     upsert(conn, callback_events, _event_values(item), keys=["id"])
         except exc.IntegrityError:
@@ -540,9 +538,7 @@ class SqlDeploymentStore:
                 return False
             version, body = current
             if version != expected_version:
-                raise ConcurrentUpdate(
-                    f"deployment {deployment_id} changed since version {expected_version}"
-                )
+                raise stale(deployment_id, expected_version)
             deployment = Deployment.model_validate_json(body)
             if deployment.phase is not Phase.PENDING:
                 return False
@@ -557,15 +553,6 @@ class SqlDeploymentStore:
                         )
                     )
                 )
-            now = utcnow()
-            started = deployment.model_copy(
-                update={
-                    "phase": Phase.PROVISIONING,
-                    "started_at": now,
-                    "updated_at": now,
-                    "version": expected_version + 1,
-                }
-            )
             busy = deployments.alias("busy")
             provisioning = (
                 sa.select(sa.func.count())
@@ -576,7 +563,7 @@ class SqlDeploymentStore:
                 )
                 .scalar_subquery()
             )
-            values = _deployment_values(started)
+            values = _deployment_values(started(deployment, expected_version))
             del values["id"]
             result = conn.execute(
                 sa.update(deployments)
@@ -592,9 +579,7 @@ class SqlDeploymentStore:
                 return True
             after = self._version_and_body(conn, deployment_id)
             if after is not None and after[0] != expected_version:
-                raise ConcurrentUpdate(
-                    f"deployment {deployment_id} changed since version {expected_version}"
-                )
+                raise stale(deployment_id, expected_version)
             return False
 
     @translate_errors
