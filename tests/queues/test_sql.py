@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from tests.queues.contract import QueueContract, job
+from tests.stores.sql_backends import SQL_BACKENDS, sql_url
 
 from kidp.ports import Delivery
 from kidp.queues.sql import SqlJobQueue
 from kidp.stores.sql import SqlDeploymentStore, create_engine_for
 
-BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 LEASE = 30.0
 
 
@@ -38,13 +38,9 @@ class Clock:
         self.now += seconds
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=SQL_BACKENDS)
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'broker.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    eng = create_engine_for(url)
+    eng = create_engine_for(sql_url(request, tmp_path))
     yield eng
     eng.dispose()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.stores.sql_backends import SQL_BACKENDS, sql_url
 
 from kidp.models import (
     DeletionPolicy,
@@ -26,7 +27,7 @@ from kidp.models import (
 )
 from kidp.ports import DeploymentStore
 
-BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres), "dynamodb"]
+BACKENDS = [*SQL_BACKENDS, "dynamodb"]
 
 # moto's in-process DynamoDB applies a transaction as check-then-write with
 # no lock, and rolls back by restoring a copy of the whole table, so two
@@ -45,26 +46,27 @@ def new_deployment(
     resource_type: ResourceType = ResourceType.DATABASE,
     **changes: Any,
 ) -> Deployment:
-    """A valid deployment record (a fresh id every call)."""
-    return Deployment(
-        id=new_deployment_id(),
-        namespace=namespace,
-        resource_type=resource_type,
-        resource_name=name,
-        team="payments",
-        owner="owner@example.com",
-        application=name,
-        resource_uid="5f0c6a4e-0000-4000-8000-000000000001",
-        callback_url="https://ci.example.com/hook",
-        spec=ResourceSpec(engine="postgresql", version="15", size=Size.MEDIUM),
-        spec_fingerprint="f" * 64,
-        deletion_policy=DeletionPolicy.DELETE,
-        provider="aws",
-        region="eu-west-1",
-        phase=phase,
-        request_id=request_id,
-        **changes,
-    )
+    """A valid deployment record (a fresh id every call); ``changes`` set or
+    override any other field."""
+    fields: dict[str, Any] = {
+        "id": new_deployment_id(),
+        "namespace": namespace,
+        "resource_type": resource_type,
+        "resource_name": name,
+        "team": "payments",
+        "owner": "owner@example.com",
+        "application": name,
+        "resource_uid": "5f0c6a4e-0000-4000-8000-000000000001",
+        "callback_url": "https://ci.example.com/hook",
+        "spec": ResourceSpec(engine="postgresql", version="15", size=Size.MEDIUM),
+        "spec_fingerprint": "f" * 64,
+        "deletion_policy": DeletionPolicy.DELETE,
+        "provider": "aws",
+        "region": "eu-west-1",
+        "phase": phase,
+        "request_id": request_id,
+    }
+    return Deployment(**(fields | changes))
 
 
 @pytest.fixture
@@ -108,10 +110,6 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Deployment
         return
     from kidp.stores.sql import SqlDeploymentStore
 
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'state' / 'broker.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    sql = SqlDeploymentStore(url)
+    sql = SqlDeploymentStore(sql_url(request, tmp_path))
     yield sql
     sql.close()

@@ -25,16 +25,7 @@ import pytest
 from tests.conftest import IN_CI
 
 from kidp.errors import StoreUnavailable
-from kidp.models import (
-    DeletionPolicy,
-    Deployment,
-    Job,
-    JobKind,
-    ResourceSpec,
-    ResourceType,
-    Size,
-    new_deployment_id,
-)
+from kidp.models import Deployment, Job, JobKind, ResourceType
 from kidp.queues.sql import SqlJobQueue
 from kidp.stores.sql import SqlDeploymentStore
 
@@ -158,25 +149,6 @@ def _user_exists(name: str) -> bool:
     return True
 
 
-def deployment(n: int) -> Deployment:
-    return Deployment(
-        id=new_deployment_id(),
-        namespace="team-a",
-        resource_type=ResourceType.DATABASE,
-        resource_name=f"orders-db-{n}",
-        team="payments",
-        owner="owner@example.com",
-        application="orders",
-        resource_uid=f"5f0c6a4e-0000-4000-8000-{n:012d}",
-        callback_url="https://ci.example.com/hook",
-        spec=ResourceSpec(engine="postgresql", version="15", size=Size.MEDIUM),
-        spec_fingerprint="f" * 64,
-        deletion_policy=DeletionPolicy.DELETE,
-        provider="onprem",
-        region="dc-1",
-    )
-
-
 def refused_quickly(call: Callable[[], object]) -> None:
     started = time.monotonic()
     with pytest.raises(StoreUnavailable):
@@ -185,7 +157,19 @@ def refused_quickly(call: Callable[[], object]) -> None:
 
 
 @pytest.mark.slow
-def test_a_restarted_postgres_loses_nothing_committed(private_postgres: PrivatePostgres) -> None:
+def test_a_restarted_postgres_loses_nothing_committed(
+    private_postgres: PrivatePostgres, make: Callable[..., Deployment]
+) -> None:
+    def deployment(n: int) -> Deployment:
+        # One application's databases, as the on-prem broker records them.
+        return make(
+            f"orders-db-{n}",
+            application="orders",
+            resource_uid=f"5f0c6a4e-0000-4000-8000-{n:012d}",
+            provider="onprem",
+            region="dc-1",
+        )
+
     store = SqlDeploymentStore(private_postgres.url)
     queue = SqlJobQueue(store.engine)
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import sqlalchemy as sa
+from tests.stores.sql_backends import SQL_BACKENDS, sql_url
 
 from kidp.errors import StoreUnavailable
 from kidp.models import Deployment
@@ -18,14 +19,10 @@ from kidp.stores.sql import SqlDeploymentStore, create_engine_for
 Make = Callable[..., Deployment]
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=SQL_BACKENDS)
 def sql_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlDeploymentStore]:
     """A store on an empty SQLite file or a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'state' / 'broker.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    store = SqlDeploymentStore(url)
+    store = SqlDeploymentStore(sql_url(request, tmp_path))
     yield store
     store.close()
 
