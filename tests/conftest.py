@@ -23,8 +23,6 @@ from typing import Any, Self
 
 import pytest
 
-from kidp.emulator import free_port
-
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 POSTGRES_HOST = os.environ.get("KIDP_TEST_POSTGRES_HOST", "127.0.0.1")
 POSTGRES_PORT = int(os.environ.get("KIDP_TEST_POSTGRES_PORT", "5432"))
@@ -57,23 +55,20 @@ def require_program(name: str, *elsewhere: str) -> str:
 
 
 class PrivateServer:
-    """A server process of one test's own on a free loopback port, so the test
-    can kill it with -9 and start it again (same port, same files) without
-    touching the shared one. A context manager: started on entry, killed on exit."""
+    """A server process of one test's own on a loopback port, so the test can
+    kill it with -9 and start it again (same port, same files) without touching
+    the shared one. A context manager: started on entry, killed on exit."""
 
-    def __init__(self, binary: str) -> None:
-        self.binary = binary
-        self.port = free_port()
+    def __init__(self, command: list[str], *, port: int, url: str) -> None:
+        self.command = command
+        self.port = port
+        self.url = url
         self.process: subprocess.Popen[bytes] | None = None
-
-    def command(self) -> list[str]:
-        """The server's command line, listening on 127.0.0.1:``self.port``."""
-        raise NotImplementedError
 
     def start(self) -> None:
         """Start the server and wait until it accepts connections."""
         self.process = subprocess.Popen(
-            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -82,7 +77,7 @@ class PrivateServer:
                     return
             except OSError:
                 time.sleep(0.05)
-        raise AssertionError(f"{Path(self.binary).name} did not start")
+        raise AssertionError(f"{Path(self.command[0]).name} did not start")
 
     def kill(self) -> None:
         """kill -9: no shutdown, no flush."""

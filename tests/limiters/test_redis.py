@@ -19,6 +19,7 @@ import pytest
 import redis
 from tests.conftest import PrivateServer, require_program, require_service
 
+from kidp.emulator import free_port
 from kidp.errors import StoreUnavailable
 from kidp.limiters.redis import RedisRateLimiter
 from kidp.ports import RateLimiter
@@ -144,30 +145,21 @@ def test_nonsense_arguments_are_refused(
 # ------------------------------------------------------------------- Redis down
 
 
-class PrivateRedis(PrivateServer):
-    """A redis-server of this test's own, without persistence."""
-
-    def __init__(self, binary: str, workdir: Path) -> None:
-        super().__init__(binary)
-        self.workdir = workdir
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def command(self) -> list[str]:
-        return [
-            self.binary,
-            *("--port", str(self.port), "--bind", "127.0.0.1"),
-            *("--save", "", "--appendonly", "no", "--dir", str(self.workdir)),
-        ]
-
-
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    with PrivateRedis(require_program("redis-server"), tmp_path) as server:
+def private_redis(tmp_path: Path) -> Iterator[PrivateServer]:
+    """A redis-server of this test's own, without persistence."""
+    port = free_port()
+    command = [
+        require_program("redis-server"),
+        *("--port", str(port), "--bind", "127.0.0.1"),
+        *("--save", "", "--appendonly", "no", "--dir", str(tmp_path)),
+    ]
+    with PrivateServer(command, port=port, url=f"redis://127.0.0.1:{port}/0") as server:
         yield server
 
 
 def test_redis_down_degrades_to_a_limit_per_replica_and_recovers(
-    private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
+    private_redis: PrivateServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     a = RedisRateLimiter(private_redis.url, retry_after_seconds=0.3)
     b = RedisRateLimiter(private_redis.url, retry_after_seconds=0.3)

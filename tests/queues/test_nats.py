@@ -272,22 +272,15 @@ def test_a_closed_queue_refuses_calls(open_queue: Callable[..., NatsJobQueue]) -
 # ---------------------------------------------------------------- a restarted server
 
 
-class PrivateNats(PrivateServer):
-    """A nats-server of this test's own: its port, its JetStream store directory."""
-
-    def __init__(self, binary: str, store: Path) -> None:
-        super().__init__(binary)
-        self.store = store
-        self.url = f"nats://127.0.0.1:{self.port}"
-
-    def command(self) -> list[str]:
-        return [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)]
-
-
 @pytest.fixture
-def private_nats(tmp_path: Path) -> Iterator[PrivateNats]:
-    binary = require_program("nats-server", "/usr/sbin/nats-server")
-    with PrivateNats(binary, tmp_path / "jetstream") as server:
+def private_nats(tmp_path: Path) -> Iterator[PrivateServer]:
+    """A nats-server of this test's own: its port, its JetStream store directory."""
+    port = free_port()
+    command = [
+        require_program("nats-server", "/usr/sbin/nats-server"),
+        *("-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp_path / "jetstream")),
+    ]
+    with PrivateServer(command, port=port, url=f"nats://127.0.0.1:{port}") as server:
         yield server
 
 
@@ -308,7 +301,7 @@ def answers(queue: NatsJobQueue) -> bool:
 
 
 @pytest.mark.slow
-def test_a_restarted_server_loses_nothing_acknowledged(private_nats: PrivateNats) -> None:
+def test_a_restarted_server_loses_nothing_acknowledged(private_nats: PrivateServer) -> None:
     queue = NatsJobQueue(
         f"{private_nats.url}/RESTART",
         max_deliveries=5,
