@@ -8,7 +8,6 @@ kill it without touching the shared one.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from tests.conftest import PrivateServer, require_program, require_service
+from tests.conftest import PrivateServer, require_program
 
 from kidp.emulator import free_port
 from kidp.errors import StoreUnavailable
@@ -26,27 +25,22 @@ from kidp.ports import RateLimiter
 
 pytestmark = pytest.mark.redis
 
-REDIS_HOST = os.environ.get("KIDP_TEST_REDIS_HOST", "127.0.0.1")
-REDIS_PORT = int(os.environ.get("KIDP_TEST_REDIS_PORT", "6379"))
-REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
-
 
 @pytest.fixture
-def replicas() -> Iterator[Callable[[], RedisRateLimiter]]:
+def replicas(redis_url: str) -> Iterator[Callable[[], RedisRateLimiter]]:
     """Makes limiters ("replicas") sharing one fresh key prefix; cleans up after."""
-    require_service("Redis", REDIS_HOST, REDIS_PORT)
     prefix = f"kidp:test:{uuid.uuid4().hex[:12]}:"
     made: list[RedisRateLimiter] = []
 
     def make() -> RedisRateLimiter:
-        limiter = RedisRateLimiter(REDIS_URL, prefix=prefix)
+        limiter = RedisRateLimiter(redis_url, prefix=prefix)
         made.append(limiter)
         return limiter
 
     yield make
     for limiter in made:
         limiter.close()
-    admin = redis.Redis.from_url(REDIS_URL)
+    admin = redis.Redis.from_url(redis_url)
     for key in admin.scan_iter(match=f"{prefix}*"):
         admin.delete(key)
     admin.close()
@@ -101,10 +95,10 @@ def test_a_lower_limit_applies_at_once(replicas: Callable[[], RedisRateLimiter])
     assert a.hit("k", limit=20, window_seconds=60) is None  # a higher one: room again
 
 
-def test_idle_keys_expire(replicas: Callable[[], RedisRateLimiter]) -> None:
+def test_idle_keys_expire(replicas: Callable[[], RedisRateLimiter], redis_url: str) -> None:
     a = replicas()
     a.hit("k", limit=5, window_seconds=30)
-    admin = redis.Redis.from_url(REDIS_URL)
+    admin = redis.Redis.from_url(redis_url)
     try:
         ttl_ms = admin.pttl(f"{a.prefix}k")
     finally:

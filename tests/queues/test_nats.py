@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import threading
 import time
 import uuid
@@ -21,7 +20,7 @@ from typing import Any
 import nats
 import nats.js.errors
 import pytest
-from tests.conftest import PrivateServer, require_program, require_service
+from tests.conftest import PrivateServer, require_program
 from tests.queues.contract import QueueContract, job
 
 from kidp.emulator import free_port
@@ -32,8 +31,6 @@ from kidp.queues.nats import NatsJobQueue, parse_nats_url, subject_token
 
 pytestmark = pytest.mark.nats
 
-NATS_HOST = os.environ.get("KIDP_TEST_NATS_HOST", "127.0.0.1")
-NATS_PORT = int(os.environ.get("KIDP_TEST_NATS_PORT", "4222"))
 ACK_WAIT = 2.0
 #: How long ``take`` keeps asking before it concludes that nothing is due.
 SETTLE = 0.3
@@ -63,19 +60,17 @@ async def _delete_streams(server: str, names: list[str]) -> None:
 
 
 @pytest.fixture
-def stream_url() -> Iterator[Callable[[], str]]:
+def stream_url(nats_url: str) -> Iterator[Callable[[], str]]:
     """Makes URLs of fresh streams on the shared server; deletes them afterwards."""
-    require_service("NATS", NATS_HOST, NATS_PORT)
-    server = f"nats://{NATS_HOST}:{NATS_PORT}"
     made: list[str] = []
 
     def make() -> str:
         name = f"KIDP_TEST_{uuid.uuid4().hex[:12]}"
         made.append(name)
-        return f"{server}/{name}"
+        return f"{nats_url}/{name}"
 
     yield make
-    asyncio.run(_delete_streams(server, [n for s in made for n in (s, f"{s}_DEAD")]))
+    asyncio.run(_delete_streams(nats_url, [n for s in made for n in (s, f"{s}_DEAD")]))
 
 
 @pytest.fixture
