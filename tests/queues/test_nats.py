@@ -209,7 +209,9 @@ def test_enqueue_from_another_replica_while_leased_runs_the_job_once_more(
     [again] = take(other, patience=3.0)
     assert (again.job, again.attempt) == (j, 1)
     other.ack(again)
-    assert holder.pending_count() == 0
+    # The mover acknowledges the delayed copy just after publishing the run,
+    # so a worker can finish that run before the copy is gone.
+    eventually(lambda: holder.pending_count() == 0, within=5, what="nothing left pending")
 
 
 def test_dead_jobs_are_listed_oldest_first_and_can_be_replayed(
