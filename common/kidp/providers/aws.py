@@ -1,6 +1,6 @@
 """The AWS provider: RDS and Aurora, ElastiCache, MSK topics, S3 and ECS on Fargate.
 
-Everything goes through boto3. The provider keeps no state of its own: a
+Everything goes through the AWS SDK (botocore). The provider keeps no state of its own: a
 resource is found again from a deterministic identifier (namespace and
 resource name, plus a piece of the deployment id for globally named S3
 buckets) and is only ever treated as ours when it carries this deployment's
@@ -17,9 +17,9 @@ with ``retry_after``); anything the cloud refuses on its merits is
 errors). Messages carry the service, the operation and AWS's error code,
 with any credential in play masked out, and never the request parameters.
 
-One object serves one region; boto3 clients are created lazily, once, and
-shared between threads (boto3 clients are thread-safe, sessions are not,
-hence the lock around their creation).
+One object serves one region; clients are created lazily, once, and shared
+between threads (clients are thread-safe, sessions are not, hence the lock
+around their creation).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import boto3
 from botocore.config import Config
 from botocore.exceptions import (
     ClientError,
@@ -61,6 +60,7 @@ from kidp.models import (
     Size,
 )
 from kidp.ports import Credentials, PasswordPolicy, QuotaReport
+from kidp.providers.aws_clients import ClientFactory
 from kidp.providers.aws_errors import SERVER_CODES as _SERVER_CODES
 from kidp.providers.aws_errors import THROTTLING_CODES
 from kidp.providers.aws_errors import Refused as _Refused
@@ -337,10 +337,11 @@ _MSK_STATES: dict[str, State] = {
 
 
 class AwsProvider:
-    """:class:`kidp.ports.CloudProvider` for AWS, through boto3.
+    """:class:`kidp.ports.CloudProvider` for AWS.
 
-    ``clients`` injects boto3 clients by service name (tests); otherwise they
-    are created from ``session`` (or a new one) with ``endpoint_url`` and
+    ``clients`` injects clients by service name (tests); otherwise they are
+    created from ``session`` (a boto3 session, for tests that hook its
+    events) or a private botocore session, with ``endpoint_url`` and
     standard-mode retries. ``on_call(resource_type, operation)`` runs once per
     API call made, for the ``kidp_broker_cloud_api_calls_total`` counter.
     Topics are offered only when ``msk_cluster_arn`` names the MSK cluster to
@@ -381,7 +382,11 @@ class AwsProvider:
         self.db_subnet_group = db_subnet_group
         self.cache_subnet_group = cache_subnet_group
         self.ecs_execution_role_arn = ecs_execution_role_arn
-        self._session = session
+        # The factory serialises creation itself; the provider's lock also
+        # keeps two threads from making the same service's client.
+        self._make_client: Callable[..., Any] = (
+            session.client if session is not None else ClientFactory()
+        )
         self._clients: dict[str, Any] = dict(clients or {})
         self._on_call = on_call
         self._lock = threading.Lock()
@@ -416,10 +421,8 @@ class AwsProvider:
         with self._lock:
             client = self._clients.get(service)
             if client is None:
-                if self._session is None:
-                    self._session = boto3.session.Session(region_name=self.region)
-                client = self._session.client(
-                    service,  # type: ignore[call-overload]
+                client = self._make_client(
+                    service,
                     region_name=self.region,
                     endpoint_url=self.endpoint_url,
                     config=self._config,

@@ -47,7 +47,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import boto3
 from botocore.config import Config
 from botocore.exceptions import (
     ClientError,
@@ -61,6 +60,7 @@ from pydantic import ValidationError
 from kidp.errors import InvalidRequest, PermanentError, StoreUnavailable
 from kidp.models import Job
 from kidp.ports import Delivery
+from kidp.providers.aws_clients import new_client
 from kidp.providers.aws_errors import error_code, is_temporary
 
 __all__ = [
@@ -169,9 +169,9 @@ class SqsJobQueue:
 
     @property
     def client(self) -> Any:
-        """The boto3 SQS client, created on first use."""
+        """The SQS client, created on first use."""
         if self._client is None:
-            self._client = boto3.session.Session().client(
+            self._client = new_client(
                 "sqs",
                 region_name=self.region,
                 endpoint_url=self.endpoint_url,

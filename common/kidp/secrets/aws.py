@@ -15,7 +15,6 @@ import logging
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Final
 
-import boto3
 from botocore.config import Config
 from botocore.exceptions import (
     ClientError,
@@ -28,6 +27,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from kidp import tags as tagging
 from kidp.errors import NotFound, ProvisioningFailed, StoreUnavailable
 from kidp.models import SecretRef
+from kidp.providers.aws_clients import new_client
 from kidp.providers.aws_errors import Refused, error_code, is_temporary, redact
 from kidp.secrets.base import check_reachable, ensure_once
 
@@ -68,9 +68,9 @@ class SecretsManagerStore:
 
     @property
     def client(self) -> Any:
-        """The boto3 client, created on first use."""
+        """The Secrets Manager client, created on first use."""
         if self._client is None:
-            self._client = boto3.session.Session().client(
+            self._client = new_client(
                 "secretsmanager",
                 region_name=self.region,
                 endpoint_url=self.endpoint_url,

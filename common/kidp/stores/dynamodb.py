@@ -83,7 +83,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 
-import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -99,6 +98,7 @@ from kidp.models import (
     Phase,
     ResourceType,
 )
+from kidp.providers.aws_clients import new_client
 from kidp.providers.aws_errors import THROTTLING_CODES, error_code, is_temporary
 from kidp.stores.records import as_utc, stale, started
 
@@ -403,8 +403,7 @@ class DynamoDbDeploymentStore:
         self._client: DynamoDBClient = client if client is not None else self._new_client()
 
     def _new_client(self) -> DynamoDBClient:
-        # A session per store: boto3's default session is not thread-safe.
-        return boto3.session.Session().client(
+        client: DynamoDBClient = new_client(
             "dynamodb",
             region_name=self.region,
             endpoint_url=self.endpoint_url,
@@ -422,6 +421,7 @@ class DynamoDbDeploymentStore:
                 user_agent_extra="kidp-broker",
             ),
         )
+        return client
 
     def __repr__(self) -> str:
         return (
