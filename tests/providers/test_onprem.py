@@ -446,6 +446,48 @@ def test_retain_keeps_claims_and_credentials_and_a_new_deployment_adopts_them(
     assert claim["metadata"]["labels"][f"{PREFIX}managed-by"] == "kidp"
 
 
+def test_a_retain_asked_for_at_deprovision_keeps_claims_made_under_delete(
+    emulator: KubeEmulator, provider: KubernetesProvider
+) -> None:
+    # POST /v1/deprovision may change deletionPolicy: the StatefulSet was made
+    # with whenDeleted Delete, so its claims carry ownerReferences to it and
+    # would be garbage-collected with it.
+    dep = deploy(provider, deployment(high_availability=True))
+    assert settle(provider, dep).state == "available"
+    claims = ["data-app-db-0", "data-app-db-1"]
+    assert sorted(names(emulator, "v1", "persistentvolumeclaims")) == claims
+    for claim in emulator.objects("v1", "persistentvolumeclaims", NS):
+        assert claim["metadata"].get("ownerReferences"), "the premise: owned by the StatefulSet"
+
+    delete_all(provider, dep.model_copy(update={"deletion_policy": DeletionPolicy.RETAIN}))
+    # The StatefulSet's dependents go in the background: wait until the
+    # collector has been through (its pods gone), then look at the claims.
+    assert eventually(
+        lambda: not names(emulator, "apps/v1", "statefulsets") and not names(emulator, "v1", "pods")
+    )
+    time.sleep(0.2)
+    kept = emulator.objects("v1", "persistentvolumeclaims", NS)
+    assert sorted(c["metadata"]["name"] for c in kept) == claims
+    for claim in kept:
+        assert "deletionTimestamp" not in claim["metadata"]
+        assert "ownerReferences" not in claim["metadata"]
+        assert claim["metadata"]["labels"][f"{PREFIX}managed-by"] == "kidp-retained"
+    (secret,) = emulator.objects("v1", "secrets", NS)
+    assert secret["metadata"]["labels"][f"{PREFIX}managed-by"] == "kidp-retained"
+
+    again = deploy(
+        provider, deployment(deployment_id="deploy-" + "cd" * 16, high_availability=True)
+    )
+    assert settle(provider, again).state == "available"
+    adopted = emulator.objects("v1", "persistentvolumeclaims", NS)
+    assert sorted(c["metadata"]["name"] for c in adopted) == claims
+    for claim in adopted:
+        assert claim["metadata"]["labels"][f"{PREFIX}deployment-id"] == again.id
+        assert claim["metadata"]["labels"][f"{PREFIX}managed-by"] == "kidp"
+    delete_all(provider, again)
+    assert names(emulator, "v1", "persistentvolumeclaims") == []
+
+
 # ----------------------------------------------------------------------------- drift
 
 

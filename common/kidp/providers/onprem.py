@@ -1507,9 +1507,10 @@ class KubernetesProvider:
         """Remove every object labelled with the deployment's id; True once none
         is left. ``Retain`` (and ``Snapshot``, which on Kubernetes keeps the
         volumes themselves) keeps the claims and the credentials Secret,
-        relabelled ``managed-by=<managed_by>-retained``; on an operator path the
-        operator's resource is kept running, relabelled, as the AWS provider
-        keeps a retained database."""
+        relabelled ``managed-by=<managed_by>-retained`` and without owner
+        references, whatever policy the deployment was made with; on an
+        operator path the operator's resource is kept running, relabelled, as
+        the AWS provider keeps a retained database."""
         namespace = self.namespace(deployment)
         selector = self._by_deployment(deployment)
         keep = deployment.deletion_policy is not DeletionPolicy.DELETE
@@ -1530,7 +1531,17 @@ class KubernetesProvider:
         kept_operator = keep and any(
             self.api.list(kind, namespace, label_selector=selector) for kind in customs
         )
-        for kind in (STATEFUL_SET, DEPLOYMENT, SERVICE, CONFIG_MAP, SECRET, PVC):
+        kinds: tuple[Kind, ...] = (STATEFUL_SET, DEPLOYMENT, SERVICE, CONFIG_MAP, SECRET, PVC)
+        if keep and not kept_operator:
+            # deletionPolicy may have been Delete at provision time: the
+            # StatefulSet then owns its claims and the garbage collector would
+            # take them with it. Its policy changes first, so its controller
+            # stops re-adding the owner references the relabelling removes;
+            # the claims are relabelled before the StatefulSet goes.
+            for statefulset in self.api.list(STATEFUL_SET, namespace, label_selector=selector):
+                self._retain_claims_on_delete(statefulset)
+            kinds = (SECRET, PVC, STATEFUL_SET, DEPLOYMENT, SERVICE, CONFIG_MAP)
+        for kind in kinds:
             for obj in self.api.list(kind, namespace, label_selector=selector):
                 meta = obj["metadata"]
                 if keep and (kind in (SECRET, PVC) or kept_operator):
@@ -1551,17 +1562,31 @@ class KubernetesProvider:
         ):
             self.api.delete(PVC, namespace, claim["metadata"]["name"])
 
+    def _retain_claims_on_delete(self, statefulset: dict[str, Any]) -> None:
+        meta = statefulset["metadata"]
+        policy = (statefulset.get("spec") or {}).get("persistentVolumeClaimRetentionPolicy") or {}
+        if policy.get("whenDeleted") != "Delete":
+            return
+        self.api.patch(
+            STATEFUL_SET,
+            meta["namespace"],
+            meta["name"],
+            {"spec": {"persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain"}}},
+        )
+
     def _relabel_retained(self, kind: Kind, obj: dict[str, Any]) -> None:
         meta = obj["metadata"]
         key = self.label_key(tagging.MANAGED_BY)
-        if labels_of(obj).get(key) == self.retained_value:
+        # A kept claim must outlive whatever owned it: the StatefulSet
+        # controller drops its reference only some time after the policy
+        # change, possibly after the StatefulSet is gone.
+        owned = kind is PVC and bool(meta.get("ownerReferences"))
+        if labels_of(obj).get(key) == self.retained_value and not owned:
             return
-        self.api.patch(
-            kind,
-            meta["namespace"],
-            meta["name"],
-            {"metadata": {"labels": {key: self.retained_value}}},
-        )
+        patch: dict[str, Any] = {"metadata": {"labels": {key: self.retained_value}}}
+        if owned:
+            patch["metadata"]["ownerReferences"] = None
+        self.api.patch(kind, meta["namespace"], meta["name"], patch)
         logger.info("retained %s %s/%s", kind.kind, meta["namespace"], meta["name"])
 
     def _nothing_left(self, deployment: Deployment, namespace: str, customs: list[Kind]) -> bool:
