@@ -204,6 +204,11 @@ class DeploymentStore(Protocol):
 
     def count_by_phase(self) -> dict[Phase, int]: ...
 
+    def count_by_namespace_type_phase(self) -> dict[tuple[str, ResourceType, Phase], int]:
+        """How many deployments per (namespace, resource type, phase), in one
+        pass over what ``count_by_phase`` reads; groups without any are absent."""
+        ...
+
     def purge_finished(self, *, before: datetime) -> int:
         """Forget Deleted deployments finished before ``before``; returns how many."""
         ...

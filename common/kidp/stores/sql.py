@@ -593,6 +593,17 @@ class SqlDeploymentStore:
         return counts
 
     @translate_errors
+    def count_by_namespace_type_phase(self) -> dict[tuple[str, ResourceType, Phase], int]:
+        """How many deployments per (namespace, resource type, phase); one grouped query."""
+        columns = (deployments.c.namespace, deployments.c.resource_type, deployments.c.phase)
+        stmt = sa.select(*columns, sa.func.count()).group_by(*columns)
+        with self._engine.connect() as conn:
+            return {
+                (namespace, ResourceType(resource_type), Phase(phase)): int(count)
+                for namespace, resource_type, phase, count in conn.execute(stmt)
+            }
+
+    @translate_errors
     def purge_finished(self, *, before: datetime) -> int:
         """Forget Deleted deployments that finished before ``before`` (their
         ``updated_at`` when ``finished_at`` was never set) and their delivered
