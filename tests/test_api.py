@@ -288,6 +288,134 @@ def test_health_readiness_root_and_metrics(api: Any) -> None:
     assert "kidp_broker_active_deployments 1.0" in metrics
 
 
+#: Every metric seeds 000 ("Observability") and 001 ("Monitoring & Metrics")
+#: name, with its label names; histograms are looked up by their ``_count``.
+SEED_METRICS: dict[str, frozenset[str]] = {
+    "kidp_broker_requests_total": frozenset({"method", "status"}),
+    "kidp_broker_request_duration_seconds": frozenset({"method"}),
+    "kidp_broker_cloud_api_calls_total": frozenset({"provider", "resource_type", "operation"}),
+    "kidp_broker_callback_attempts_total": frozenset({"status"}),
+    "kidp_broker_active_deployments": frozenset(),
+    "broker_provision_requests_total": frozenset({"resource_type", "status"}),
+    "broker_provision_duration_seconds": frozenset({"resource_type"}),
+    "broker_resources_total": frozenset({"namespace", "type", "phase"}),
+    "broker_drift_detected_total": frozenset({"namespace", "type"}),
+    "broker_kubernetes_api_available": frozenset(),
+    "broker_http_request_duration_seconds": frozenset({"endpoint", "method"}),
+}
+HISTOGRAMS = {
+    "kidp_broker_request_duration_seconds",
+    "broker_provision_duration_seconds",
+    "broker_http_request_duration_seconds",
+}
+
+
+def exposition(client: TestClient) -> dict[str, list[dict[str, str]]]:
+    """``GET /metrics`` parsed: each sample name's label sets."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    samples: dict[str, list[dict[str, str]]] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(dict(sample.labels))
+    return samples
+
+
+def seed_series(samples: dict[str, list[dict[str, str]]], name: str) -> list[dict[str, str]]:
+    return samples.get(f"{name}_count" if name in HISTOGRAMS else name, [])
+
+
+def test_metrics_carry_every_seed_name_with_its_labels(api: Any) -> None:
+    import boto3
+
+    h, client = api()
+    deployment_id = client.post("/v1/provision", json=body(h), headers=token()).json()[
+        "deploymentId"
+    ]
+    h.drain()
+    rds = boto3.client("rds", region_name="us-east-1")
+    (instance,) = rds.describe_db_instances()["DBInstances"]
+    rds.modify_db_instance(
+        DBInstanceIdentifier=instance["DBInstanceIdentifier"],
+        DBInstanceClass="db.r5.4xlarge",
+        ApplyImmediately=True,
+    )
+    assert h.broker.scanner.drift()["changed"] == 1
+    h.drain()
+    path = f"/api/v1/deployments/{deployment_id}"
+    assert client.get(path, headers=token()).status_code == 200
+    assert client.get(path).status_code == 401  # refused before routing
+    assert client.get(f"/v1/no-such-route/{deployment_id}", headers=token()).status_code == 404
+
+    samples = exposition(client)
+    # Seed 001's on-prem gauge belongs to the Kubernetes provider only: a 0
+    # here would claim a Kubernetes API that is down.
+    missing = {name for name in SEED_METRICS if not seed_series(samples, name)}
+    assert missing == {"broker_kubernetes_api_available"}
+    for name, labels in SEED_METRICS.items():
+        for series in seed_series(samples, name):
+            assert series.keys() == labels, name
+    assert {"namespace": "team-platform", "type": "database", "phase": "Ready"} in samples[
+        "broker_resources_total"
+    ]
+    endpoints = {
+        (s["endpoint"], s["method"])
+        for s in seed_series(samples, "broker_http_request_duration_seconds")
+    }
+    assert ("/v1/provision", "POST") in endpoints
+    assert ("/api/v1/deployments/{deploymentId}", "GET") in endpoints
+    assert ("unmatched", "GET") in endpoints
+    assert not any(deployment_id in endpoint for endpoint, _ in endpoints)
+
+
+def test_resource_counts_follow_the_store_at_each_scrape(api: Any) -> None:
+    h, client = api()
+    deployment_id = client.post("/v1/provision", json=body(h), headers=token()).json()[
+        "deploymentId"
+    ]
+    pending = {"namespace": "team-platform", "type": "database", "phase": "Pending"}
+    assert exposition(client)["broker_resources_total"] == [pending]
+    h.drain()
+    gone = client.post(
+        "/v1/deprovision",
+        json={"deploymentId": deployment_id, "namespace": "team-platform"},
+        headers=token(),
+    )
+    assert gone.status_code == 202, gone.text
+    h.drain()
+    text = client.get("/metrics").text
+    # A phase left empty reads 0, not "no data".
+    assert (
+        'broker_resources_total{namespace="team-platform",phase="Pending",type="database"} 0.0'
+        in text
+    )
+    assert (
+        'broker_resources_total{namespace="team-platform",phase="Deleted",type="database"} 1.0'
+        in text
+    )
+
+
+def test_kubernetes_api_gauge_on_the_onprem_provider(
+    api: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kidp.kube_emulator import start_kubernetes_emulator
+
+    emulator = start_kubernetes_emulator(ready_delay=0.05)
+    try:
+        monkeypatch.setenv("KUBECONFIG", str(emulator.write_kubeconfig(tmp_path / "kubeconfig")))
+        _, client = api(provider="onprem")
+        assert client.get("/health").json()["checks"]["cloudApi"]["status"] == "ok"
+        samples = exposition(client)
+        assert samples["broker_kubernetes_api_available"] == [{}]
+        text = client.get("/metrics").text
+        assert "broker_kubernetes_api_available 1.0" in text
+        assert "broker_cloud_api_available 1.0" in text
+    finally:
+        emulator.stop()
+
+
 def test_correlation_id_is_kept_or_added(api: Any) -> None:
     _, client = api()
     assert (

@@ -17,6 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 
 from kidp.auth import SCOPE_READ, Caller, TokenVerifier, bearer_token
 from kidp.errors import (
@@ -58,6 +59,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 _PROBES = frozenset({"/health", "/readiness", "/ready", "/metrics"})
 #: Paths served without a token (discovery and probes).
 _PUBLIC = _PROBES | {"/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+#: The ``endpoint`` label of a request no route matched.
+_UNMATCHED = "unmatched"
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
     for status, text in {
@@ -171,6 +174,7 @@ class Gatekeeper:
             metrics = self.service.metrics
             metrics.requests.labels(method, str(status)).inc()
             metrics.request_duration.labels(method).observe(elapsed)
+            metrics.http_request_duration.labels(self._endpoint(scope), method).observe(elapsed)
             if path not in _PROBES:
                 audit.info(
                     "request",
@@ -184,6 +188,26 @@ class Gatekeeper:
                     },
                 )
             correlation_id.reset(token)
+
+    def _endpoint(self, scope: Scope) -> str:
+        """The route template that served (or would have served) this request:
+        the raw path carries ids, and a label per deployment would grow without
+        bound. Refused requests never reached the router, so they are matched
+        here; a path no route knows is one label, ``unmatched``."""
+        route = scope.get("route")
+        if isinstance(route, BaseRoute):
+            return str(getattr(route, "path", _UNMATCHED))
+        if self.fastapi is None:
+            return _UNMATCHED
+        partial = _UNMATCHED
+        for candidate in self.fastapi.router.routes:
+            match, _ = candidate.matches(scope)
+            if match is Match.FULL:
+                return str(getattr(candidate, "path", _UNMATCHED))
+            if match is Match.PARTIAL and partial == _UNMATCHED:
+                # The path is known, the method is not (a 405).
+                partial = str(getattr(candidate, "path", _UNMATCHED))
+        return partial
 
     async def _authenticate(self, scope: Scope, headers: dict[str, str]) -> BrokerError | None:
         """Verify the bearer token and count the request against its subject (or,
@@ -349,6 +373,13 @@ def create_app(
     @app.get("/metrics", tags=["health"], response_class=Response)
     def metrics() -> Response:
         """Prometheus metrics."""
+        # Counted per scrape, as state gauges are: one grouped query, and the
+        # value is as fresh as the scrape whether or not /health was probed.
+        try:
+            service.metrics.set_resources(service.store.count_by_namespace_type_phase())
+        except BrokerError as exc:
+            # The other metrics still answer; the gauge keeps its last counts.
+            log.warning("resource counts unavailable", extra={"reason": exc.message})
         return Response(
             service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
@@ -506,4 +537,5 @@ def create_app(
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    service.metrics.use_provider(service.provider.name)
     return Gatekeeper(app, service, verifier=verifier, limiter=limiter)

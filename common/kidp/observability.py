@@ -11,10 +11,13 @@ import json
 import logging
 import sys
 import uuid
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 correlation_id: contextvars.ContextVar[str] = contextvars.ContextVar("correlation_id", default="")
 
@@ -68,6 +71,36 @@ def configure_logging(level: str = "INFO") -> None:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
+#: A (namespace, type, phase) group; str subclasses (the models' enums) included.
+_Group = TypeVar("_Group", bound=tuple[str, str, str])
+
+#: Provider names whose cloud API is a Kubernetes API server.
+_KUBERNETES_PROVIDERS = frozenset({"onprem"})
+
+
+class _KubernetesAvailable(Collector):
+    """Seed 001's ``broker_kubernetes_api_available``: the value of
+    ``broker_cloud_api_available`` under the on-prem seed's name. Read from
+    that gauge at collection, so whoever sets one sets both; absent for other
+    providers, where a 0 would claim a Kubernetes API that is down."""
+
+    NAME = "broker_kubernetes_api_available"
+    HELP = "1 when the Kubernetes API answered the last check"
+
+    def __init__(self, cloud: Gauge) -> None:
+        self.cloud = cloud
+        self.enabled = False
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return [GaugeMetricFamily(self.NAME, self.HELP)]
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        if not self.enabled:
+            return []
+        (family,) = self.cloud.collect()
+        return [GaugeMetricFamily(self.NAME, self.HELP, value=family.samples[0].value)]
+
+
 class Metrics:
     """The broker's metrics. Names follow seed 000 (``kidp_broker_*``) and seed 001
     (``broker_*``)."""
@@ -82,6 +115,14 @@ class Metrics:
             "kidp_broker_request_duration_seconds",
             "HTTP request duration",
             ["method"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.http_request_duration = Histogram(
+            "broker_http_request_duration_seconds",
+            "HTTP request duration by route template (never the raw path, whose ids "
+            "would make a series per deployment)",
+            ["endpoint", "method"],
             registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
@@ -131,11 +172,39 @@ class Metrics:
         self.dead_letters = Counter(
             "broker_callback_dead_letters_total", "Callbacks moved to dead letters", registry=r
         )
+        self.resources = Gauge(
+            "broker_resources_total",
+            "Deployments per namespace, resource type and phase",
+            ["namespace", "type", "phase"],
+            registry=r,
+        )
         self.cloud_available = Gauge(
             "broker_cloud_api_available",
             "1 when the cloud API answered the last check",
             registry=r,
         )
+        self._kubernetes_available = _KubernetesAvailable(self.cloud_available)
+        r.register(self._kubernetes_available)
+        self._resource_groups: set[tuple[str, str, str]] = set()
+
+    def use_provider(self, name: str) -> None:
+        """Name the provider behind ``broker_cloud_api_available``; for a
+        Kubernetes one its value is also ``broker_kubernetes_api_available``."""
+        self._kubernetes_available.enabled = name in _KUBERNETES_PROVIDERS
+
+    def set_resources(self, counts: Mapping[_Group, int]) -> None:
+        """Set ``broker_resources_total`` from (namespace, type, phase) counts.
+
+        A group counted before and absent now is set to 0 rather than removed:
+        a dropped series reads as "no data", not as "none left in this phase".
+        """
+        # Plain strings: a StrEnum equals its value but does not hash like it.
+        current = {(str(ns), str(kind), str(phase)): n for (ns, kind, phase), n in counts.items()}
+        for group in self._resource_groups - current.keys():
+            self.resources.labels(*group).set(0)
+        for group, count in current.items():
+            self.resources.labels(*group).set(count)
+        self._resource_groups |= current.keys()
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""
