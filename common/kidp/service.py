@@ -628,8 +628,15 @@ class BrokerService:
             return
         if job.kind is JobKind.SYNC:
             # A sync never owns the deployment (no job token): it only reads the
-            # cloud now instead of at the next poll or scan.
-            self._sync(deployment)
+            # cloud now instead of at the next poll or scan, so an error of its
+            # own (a refused read) must not fail a Ready deployment.
+            try:
+                self._sync(deployment)
+            except PermanentError as exc:
+                log.warning(
+                    "sync failed; the next poll or drift scan checks again",
+                    extra={"deploymentId": deployment.id, "reason": exc.message},
+                )
             return
         if deployment.job_token is not None and job.id != deployment.job_token:
             log.debug("superseded job dropped", extra={"deploymentId": deployment.id})

@@ -9,6 +9,11 @@ outcomes onto its own technology once:
 * ``retry``: deliver it again after ``delay`` seconds
 * ``dead``: the deployment has been failed with a callback (``give_up``);
   move the message to the dead-letter queue
+
+A sync job (a watcher saw a change) never fails a deployment: it only brings
+a check forward that the next poll or drift scan makes anyway, so a sync that
+cannot finish is dropped, never dead-lettered (its id is fixed per
+deployment, and a dead id would swallow every later sync).
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kidp.errors import BrokerError, TemporaryError
-from kidp.models import Job
+from kidp.models import Job, JobKind
 from kidp.observability import correlation_id
 from kidp.service import BrokerService
 
 log = logging.getLogger("kidp.work")
+
+#: Why a job delivered more often than allowed is given up without running it.
+OVER_DELIVERED = "the worker stopped during each of its deliveries (crash or timeout)"
 
 
 @dataclass(frozen=True)
@@ -45,9 +53,15 @@ def work(service: BrokerService, job: Job, *, attempt: int, max_deliveries: int)
     A temporary error or an unexpected exception is retried with backoff until
     ``max_deliveries``; then, like a permanent error of the job itself, the
     deployment is failed with a callback before the message is dead-lettered.
+    A delivery beyond ``max_deliveries`` means the worker itself died on every
+    earlier one (a Lambda timeout or out of memory leaves no exception to
+    count): the job is given up without running it again.
     """
     token = correlation_id.set(job.deployment_id)
     try:
+        if attempt > max_deliveries:
+            log.error("job given up unrun", extra={"kind": job.kind.value, "attempt": attempt})
+            return _give_up(service, job, OVER_DELIVERED)
         service.handle(job)
     except TemporaryError as exc:
         delay = max(exc.retry_after, backoff(attempt))
@@ -56,8 +70,7 @@ def work(service: BrokerService, job: Job, *, attempt: int, max_deliveries: int)
         # handle() turns permanent errors of deployment jobs into Failed;
         # reaching here means the job itself is unusable.
         log.error("job dropped", extra={"kind": job.kind.value, "reason": exc.message})
-        service.give_up(job, exc.message)
-        return Outcome("dead", reason=exc.message)
+        return _give_up(service, job, exc.message)
     except Exception as exc:
         log.exception("job crashed", extra={"kind": job.kind.value})
         reason = type(exc).__name__
@@ -76,6 +89,16 @@ def _retry_or_give_up(
     delay: float,
 ) -> Outcome:
     if attempt >= max_deliveries:
-        service.give_up(job, reason)
-        return Outcome("dead", reason=reason)
+        return _give_up(service, job, reason)
     return Outcome("retry", delay=delay, reason=reason)
+
+
+def _give_up(service: BrokerService, job: Job, reason: str) -> Outcome:
+    if job.kind is JobKind.SYNC:
+        log.warning(
+            "sync dropped; the next poll or drift scan checks again",
+            extra={"deploymentId": job.deployment_id, "reason": reason},
+        )
+        return Outcome("ack", reason=reason)
+    service.give_up(job, reason)
+    return Outcome("dead", reason=reason)
