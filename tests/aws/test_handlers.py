@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EVENTS = ROOT / "tests" / "events"
 REGION = "us-east-1"
 JWT_SECRET = "j" * 48
-MAX_DELIVERIES = 3
+MAX_DELIVERIES = 4
 
 
 def load_handlers() -> ModuleType:
@@ -328,10 +328,17 @@ def test_api_refuses_a_missing_token_in_the_documented_shape(lam: Lambda) -> Non
     assert headers["www-authenticate"] == "Bearer"
 
 
+@pytest.mark.parametrize("at_init", [False, True], ids=["after-init", "at-init"])
 def test_api_without_its_secrets_answers_500_without_detail(
-    lam: Lambda, monkeypatch: pytest.MonkeyPatch
+    lam: Lambda, monkeypatch: pytest.MonkeyPatch, at_init: bool
 ) -> None:
+    from kidp.edges import aws as edge
+
     monkeypatch.delenv("KIDP_CALLBACK_SECRET")
+    if at_init:
+        # Lambda's init phase must not fail: API Gateway would answer for it.
+        edge.reset()
+        edge.warm_up("handlers.api")
     status, body, _ = lam.http("GET", "/health", auth=False)
     assert status == 500
     assert body == {
@@ -441,9 +448,10 @@ def test_poison_job_lands_in_the_dlq_fails_the_deployment_and_can_be_redriven(
 
     responses = lam.drain()
 
-    # Delivered MAX_DELIVERIES times: retried twice (failures), then given up.
+    # Run MAX_DELIVERIES - 1 times (the last receive is kept for a function
+    # that died on every run): retried once (a failure), then given up.
     failures = [r for r in responses if r["batchItemFailures"]]
-    assert len(failures) == MAX_DELIVERIES - 1
+    assert len(failures) == MAX_DELIVERIES - 2
     assert lam.phase(deployment_id) == "Failed"
     assert lam.phases() == ["Failed"]
     assert "job failed repeatedly: RuntimeError" in lam.receiver.log[-1][1]["message"]
@@ -453,7 +461,7 @@ def test_poison_job_lands_in_the_dlq_fails_the_deployment_and_can_be_redriven(
     assert Job.from_json(dead["Body"]).deployment_id == deployment_id
     attributes = {k: v["StringValue"] for k, v in dead["MessageAttributes"].items()}
     assert attributes["kidp-reason"] == "RuntimeError"
-    assert attributes["kidp-attempts"] == str(MAX_DELIVERIES)
+    assert attributes["kidp-attempts"] == str(MAX_DELIVERIES - 1)
 
     (listed,) = lam.handlers.dlq({"action": "list"}, Context())["jobs"]
     assert listed["job"]["deployment_id"] == deployment_id
@@ -465,6 +473,37 @@ def test_poison_job_lands_in_the_dlq_fails_the_deployment_and_can_be_redriven(
     lam.drain()  # the job comes back and finds its deployment already Failed
     assert lam.phase(deployment_id) == "Failed"
     assert lam.phases() == ["Failed"]
+
+
+def test_a_job_that_kills_the_function_every_time_still_fails_its_deployment(
+    lam: Lambda,
+) -> None:
+    class Killed(BaseException):
+        """What a Lambda timeout or out-of-memory is to the job: no exception
+        the worker can catch, no response, the message simply comes back."""
+
+    def die(**_: Any) -> None:
+        raise Killed
+
+    install_with(lambda s: s.events.register("before-call.rds.CreateDBInstance", die))
+    deployment_id = lam.provision()
+    deaths = 0
+    for _ in range(MAX_DELIVERIES + 2):
+        messages = lam.receive()
+        if messages:
+            try:
+                lam.deliver(messages)
+            except Killed:
+                deaths += 1
+        lam.clock.advance(120)  # past the visibility timeout
+
+    assert deaths == MAX_DELIVERIES - 1
+    assert lam.phase(deployment_id) == "Failed"
+    assert lam.phases() == ["Failed"]
+    assert "stopped during each of its deliveries" in lam.receiver.log[-1][1]["message"]
+    (dead,) = lam.dead_letter_queue()
+    assert Job.from_json(dead["Body"]).deployment_id == deployment_id
+    assert not any(lam.counts().values())
 
 
 def test_throttled_cloud_api_is_retried_via_visibility_without_a_duplicate(
@@ -684,7 +723,12 @@ import handlers  # _HANDLER names the worker: Lambda's init phase for it
 from kidp.edges import aws as edge
 edge.warm_up("handlers.scan")
 edge.warm_up("handlers.dlq")
-before = sorted(m for m in ("fastapi", "starlette", "uvicorn", "mangum") if m in sys.modules)
+# The JWT library, the HTTP client and boto3 are no part of these functions.
+before = sorted(
+    m
+    for m in ("fastapi", "starlette", "uvicorn", "mangum", "jwt", "httpx", "boto3")
+    if m in sys.modules
+)
 edge.warm_up("handlers.api")
 after = sorted(m for m in ("fastapi", "starlette", "mangum") if m in sys.modules)
 print(json.dumps({{"before": before, "after": after}}))

@@ -194,7 +194,23 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
             f"set {' and '.join(missing)}: on Lambda a development key made per container "
             "would disagree with every other container"
         )
+    if settings.job_max_deliveries < 2:
+        raise ValidationFailed(
+            "KIDP_JOB_MAX_DELIVERIES must be at least 2 on Lambda: the last receive is "
+            "kept for failing a job that stopped the function every time"
+        )
     return settings
+
+
+def runs_per_job(settings: Settings) -> int:
+    """How often the worker runs one job: one less than the queue's
+    ``maxReceiveCount`` (``KIDP_JOB_MAX_DELIVERIES``). SQS moves a message to
+    the dead-letter queue on its own once the count is used up, without
+    asking, so a function that died on the last run (a timeout, out of memory:
+    no exception to count) would leave its deployment waiting. The last
+    receive therefore only comes after such deaths, and fails the deployment
+    with its callback without running the job again (:func:`kidp.work.work`)."""
+    return settings.job_max_deliveries - 1
 
 
 def broker() -> Broker:
@@ -227,10 +243,17 @@ def warm_up(handler: str | None = None) -> None:
     function = handler.rpartition(".")[2]
     if function not in ("api", "worker", "scan", "dlq"):
         return
-    broker()
-    if function == "api":
-        _asgi_handler()
-    elif function == "worker":
+    try:
+        broker()
+        if function == "api":
+            _asgi_handler()
+    except BrokerError as exc:
+        # Raised here it would be an init error, and API Gateway would answer
+        # with its own body; the first invocation builds again and answers
+        # with the documented error shape (and the reason in the log).
+        log.error("broker not built at init", extra={"reason": exc.message})
+        return
+    if function == "worker":
         import aws_lambda_powertools.utilities.batch  # noqa: F401 - imported at init
 
 
@@ -481,7 +504,7 @@ def _work_record(b: Broker, queue: SqsJobQueue, record: SQSRecord) -> None:
             b.service,
             delivery.job,
             attempt=delivery.attempt,
-            max_deliveries=b.settings.job_max_deliveries,
+            max_deliveries=runs_per_job(b.settings),
         )
         if outcome.action == "retry":
             queue.retry(delivery, delay=outcome.delay)

@@ -26,9 +26,12 @@ the dead-letter queue with the reason, the delivery count and the source queue
 as message attributes, then deletes the original. The dead-letter queue is
 ``dead_letter_queue_url`` or, when that is not given, the target of the source
 queue's ``RedrivePolicy``. That redrive policy is also the backstop for a
-worker that dies during a job's last delivery; give it a ``maxReceiveCount``
-of at least ``max_deliveries`` so the worker gets to fail the deployment (with
-its callback) before SQS moves the message on its own.
+worker that dies during a job's last delivery. Behind Lambda its
+``maxReceiveCount`` is ``KIDP_JOB_MAX_DELIVERIES`` and the worker runs a job
+one time less, keeping the last receive for failing the deployment (with its
+callback) when the function died on every run (see
+:func:`kidp.edges.aws.runs_per_job`); a pull worker buries a job received
+more than ``max_deliveries`` times.
 
 Behind a Lambda event source mapping the platform receives and deletes
 messages; the Lambda edge uses :meth:`SqsJobQueue.delivery_from_record`,
