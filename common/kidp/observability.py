@@ -71,7 +71,7 @@ def configure_logging(level: str = "INFO") -> None:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
-#: A (namespace, type, phase) group; str subclasses (the models' enums) included.
+#: A (namespace, type, phase) group; the models' StrEnums are label values as they are.
 _Group = TypeVar("_Group", bound=tuple[str, str, str])
 
 #: Provider names whose cloud API is a Kubernetes API server.
@@ -198,13 +198,11 @@ class Metrics:
         A group counted before and absent now is set to 0 rather than removed:
         a dropped series reads as "no data", not as "none left in this phase".
         """
-        # Plain strings: a StrEnum equals its value but does not hash like it.
-        current = {(str(ns), str(kind), str(phase)): n for (ns, kind, phase), n in counts.items()}
-        for group in self._resource_groups - current.keys():
+        for group in self._resource_groups - counts.keys():
             self.resources.labels(*group).set(0)
-        for group, count in current.items():
+        for group, count in counts.items():
             self.resources.labels(*group).set(count)
-        self._resource_groups |= current.keys()
+        self._resource_groups |= counts.keys()
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""
