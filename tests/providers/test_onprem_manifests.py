@@ -16,7 +16,7 @@ import pytest
 from tests.providers.onprem_support import deployment
 
 from kidp import catalog, tags
-from kidp.models import DeletionPolicy, Deployment, ResourceType, Size
+from kidp.models import DeletionPolicy, ResourceType, Size
 from kidp.providers import onprem_manifests as m
 
 #: The Kubernetes release every manifest is checked against, and the releases
@@ -24,69 +24,16 @@ from kidp.providers import onprem_manifests as m
 #: newest kubernetes-validate knows).
 KUBE_VERSION = "1.30"
 KUBE_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
-LABEL = "platform.company.com/deployment-id"
 
 
-def target(dep: Deployment, *, storage_class: str | None = None) -> m.Target:
-    return m.Target(
-        deployment=dep,
-        namespace=dep.namespace,
-        tag_labels=tags.encode(tags.logical_tags(dep), dialect="kubernetes"),
-        deployment_label=LABEL,
-        storage_class=storage_class,
-    )
+#: Builds a target as the provider does (default tag prefix) from a deployment
+#: made by ``onprem_support.deployment``.
+target = m.sample_target
+plain_objects = m.plain_objects
 
-
-def plain_objects(t: m.Target) -> list[dict[str, Any]]:
-    """What the provider sends on the plain (operator-less) path."""
-    objects = []
-    if t.engine != "memcached" and t.deployment.resource_type is not ResourceType.SERVICE:
-        objects.append(
-            m.credentials_secret(
-                t, username="kidpadmin", password="p" * 32, endpoint="e.example", port=t.port
-            )
-        )
-    if t.deployment.resource_type is ResourceType.SERVICE or t.engine == "memcached":
-        return objects + m.deployment_objects(t)
-    return objects + m.stateful_objects(t)
-
-
-def combinations() -> list[m.Target]:
-    """Every engine, version, size and highAvailability the provider accepts on
-    the plain path, with both deletion policies and with/without a storage class."""
-    found: list[m.Target] = []
-    for rtype in (ResourceType.DATABASE, ResourceType.CACHE):
-        for engine, versions in catalog.ENGINES[rtype].items():
-            for version, size, ha in itertools.product(versions, Size, (False, True)):
-                if ha and not m.plain_ha_supported(engine):
-                    continue
-                for policy, storage_class in (
-                    (DeletionPolicy.DELETE, None),
-                    (DeletionPolicy.RETAIN, "fast-ssd"),
-                ):
-                    dep = deployment(
-                        rtype,
-                        engine=engine,
-                        version=version,
-                        size=size,
-                        high_availability=ha,
-                        policy=policy,
-                    )
-                    found.append(target(dep, storage_class=storage_class))
-    for size, ha in itertools.product(Size, (False, True)):
-        dep = deployment(
-            ResourceType.SERVICE,
-            name="user-api",
-            image="ghcr.io/example/user-api:1.4.2",
-            port=8080,
-            size=size,
-            high_availability=ha,
-        )
-        found.append(target(dep))
-    return found
-
-
-ALL = combinations()
+#: The matrix every plain-path check runs over; scripts/render-generated.py
+#: writes the same one out for checkov.
+ALL = m.sample_targets()
 
 
 def test_the_matrix_covers_every_engine_version_size_and_ha() -> None:
@@ -153,6 +100,54 @@ def test_operator_paths_core_objects_validate_and_resources_have_their_required_
             KUBE_VERSION,
             strict=True,
         )
+
+
+def test_every_pod_runs_unprivileged_as_its_images_user_on_a_read_only_root() -> None:
+    for t in ALL:
+        service = t.deployment.resource_type is ResourceType.SERVICE
+        for obj in plain_objects(t):
+            if obj["kind"] not in ("StatefulSet", "Deployment"):
+                continue
+            pod = obj["spec"]["template"]["spec"]
+            security = pod["securityContext"]
+            uid, gid = (m.SERVICE_USER, m.SERVICE_USER) if service else m.ENGINE_USERS[t.engine]
+            assert security["runAsNonRoot"] is True and uid != 0
+            assert (security["runAsUser"], security["runAsGroup"]) == (uid, gid)
+            assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+            # The volumes belong to the image's user.
+            assert security.get("fsGroup") == (gid if obj["kind"] == "StatefulSet" else None)
+            assert pod["automountServiceAccountToken"] is False
+            volumes = {v["name"] for v in pod.get("volumes", [])}
+            volumes |= {c["metadata"]["name"] for c in obj["spec"].get("volumeClaimTemplates", [])}
+            main = pod["containers"][0]
+            # Where the image writes outside its data volume is an emptyDir.
+            paths = {mount["mountPath"] for mount in main.get("volumeMounts", [])}
+            assert set(m.SCRATCH_PATHS[t.engine]) <= paths
+            for container in pod["containers"] + pod.get("initContainers", []):
+                c = container["securityContext"]
+                assert c["allowPrivilegeEscalation"] is False and c["privileged"] is False
+                assert c["readOnlyRootFilesystem"] is True
+                assert c["capabilities"] == {"drop": ["ALL"]}
+                assert {v["name"] for v in container.get("volumeMounts", [])} <= volumes
+
+
+def test_checkov_exceptions_name_a_check_and_give_a_reason() -> None:
+    for t in ALL:
+        for obj in plain_objects(t):
+            annotations = obj["metadata"].get("annotations", {})
+            skips = {k: v for k, v in annotations.items() if k.startswith("checkov.io/skip")}
+            if obj["kind"] not in ("StatefulSet", "Deployment"):
+                assert not skips
+                continue
+            checks = set()
+            for value in skips.values():
+                check, reason = value.split("=", 1)
+                assert check.startswith(("CKV_K8S_", "CKV2_K8S_")) and len(reason) > 40
+                checks.add(check)
+            # What the hardening cannot fix, and nothing it can.
+            assert {"CKV_K8S_43", "CKV2_K8S_6"} <= checks
+            assert not checks & {"CKV_K8S_20", "CKV_K8S_22", "CKV_K8S_23", "CKV_K8S_28"}
+            assert not checks & {"CKV_K8S_37", "CKV_K8S_38", "CKV_K8S_31"}
 
 
 def test_kafka_topic_in_the_kafka_namespace_is_qualified_and_labelled_for_its_cluster() -> None:
@@ -278,7 +273,7 @@ def test_redis_writes_its_password_to_a_config_file_never_onto_the_command_line(
     (sts,) = [o for o in m.stateful_objects(t) if o["kind"] == "StatefulSet"]
     script = sts["spec"]["template"]["spec"]["containers"][0]["command"][2]
     # Run the part that writes the config (everything before exec) in a sandbox.
-    prefix = script.split("chown", 1)[0].replace("/run/kidp", str(tmp_path))
+    prefix = script.split("exec ", 1)[0].replace("/run/kidp", str(tmp_path))
     env = {"REDIS_PASSWORD": "s3cret", "HOSTNAME": "app-db-1", "PATH": "/usr/bin:/bin"}
     subprocess.run(["sh", "-c", prefix], env=env, check=True)
     config = (tmp_path / "redis.conf").read_text().splitlines()

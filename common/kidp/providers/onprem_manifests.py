@@ -33,6 +33,16 @@ Images are pinned to exact tags per catalogue version (:data:`IMAGES`), so a
 pod restart never silently changes the engine; the tag is also how drift
 reads the running version back (:func:`version_from_image`).
 
+Pods are hardened as far as each image allows: they start as the image's own
+non-root user (:data:`ENGINE_USERS`; a ``service`` as :data:`SERVICE_USER`),
+drop every capability, cannot escalate, use the RuntimeDefault seccomp
+profile, mount no service-account token and have a read-only root filesystem,
+with emptyDirs where the image writes (:data:`SCRATCH_PATHS`). So a
+``service`` image must run as an arbitrary non-root uid, listen on a port
+above 1023 and write only to /tmp. ``scripts/check-k8s.sh`` scans a sample of
+everything built here (:func:`sample_objects`) with checkov; what cannot pass
+is skipped per object by ``checkov.io/skipN`` annotations with the reason.
+
 Sizes follow the catalogue presets (seed 001: small 1 CPU/2Gi ... xlarge
 8 CPU/16Gi) with requests equal to limits: databases get the Guaranteed QoS
 class (last to be evicted) and a namespace ResourceQuota on ``limits.*`` can
@@ -42,14 +52,16 @@ always be checked.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from kidp import catalog, tags
 from kidp.catalog import DEFAULT_PORTS, SIZES
-from kidp.models import DeletionPolicy, Deployment, ResourceType, Size
+from kidp.models import DeletionPolicy, Deployment, ResourceSpec, ResourceType, Size
 
 #: Exact image per engine and catalogue version. Alpine variants where the
 #: official image has one (smaller, fewer CVEs); MySQL and MongoDB publish none.
@@ -95,8 +107,37 @@ DATA_PATHS: dict[str, str] = {
     "redis": "/data",
 }
 
-#: The user the official images drop to (fsGroup makes the volume theirs).
-ENGINE_GIDS: dict[str, int] = {"postgresql": 70, "mysql": 999, "mongodb": 999, "redis": 1000}
+#: (uid, gid) of the user each official image runs its engine as. Pods start
+#: as that user instead of as root (the entrypoints step down with gosu or
+#: su-exec only when started as root), so no capability is ever needed; fsGroup
+#: gives the user the volumes. The user stays the image's own, not a uid >=
+#: 10000: it owns the files on every existing volume, and PostgreSQL refuses a
+#: data directory owned by anyone else.
+ENGINE_USERS: dict[str, tuple[int, int]] = {
+    "postgresql": (70, 70),  # postgres, alpine
+    "mysql": (999, 999),  # mysql
+    "mongodb": (999, 999),  # mongodb; HOME=/data/db, where mongosh keeps its state
+    "redis": (999, 1000),  # redis, alpine (gid 999 is taken there)
+    "memcached": (11211, 11211),  # memcache, the image's USER
+}
+
+#: Where each image writes outside its data volume: emptyDirs there let the
+#: root filesystem be read-only. /tmp: the entrypoints' here-documents and
+#: temporary files, mysqld's tmpdir, mongod's socket; /var/run/postgresql and
+#: /var/run/mysqld: the server's socket, lock and pid files.
+SCRATCH_PATHS: dict[str, tuple[str, ...]] = {
+    "postgresql": ("/tmp", "/var/run/postgresql"),  # noqa: S108 - an emptyDir mount
+    "mysql": ("/tmp", "/var/run/mysqld"),  # noqa: S108 - an emptyDir mount
+    "mongodb": ("/tmp",),  # noqa: S108 - an emptyDir mount
+    "redis": (),
+    "memcached": (),
+    "": ("/tmp",),  # noqa: S108 - a service's scratch space, an emptyDir
+}
+
+#: A ``service`` runs the team's own image as this unprivileged user (not root,
+#: outside the range images and hosts give their own users) with a read-only
+#: root filesystem; /tmp is its only writable path.
+SERVICE_USER = 10001
 
 #: Kubernetes object names: DNS labels of at most 63 characters. Workloads are
 #: kept to 52 because the controller appends a revision hash to label values.
@@ -480,9 +521,97 @@ def _probes(target: Target) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _container_security() -> dict[str, Any]:
-    # The official images start as root to fix volume ownership and then drop
-    # to their own user (gosu/su-exec); that needs no privilege escalation.
-    return {"allowPrivilegeEscalation": False, "seccompProfile": {"type": "RuntimeDefault"}}
+    # The pod starts as the image's unprivileged user, so the process needs no
+    # capability at all; it writes only to its volumes.
+    return {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _pod_security(uid: int, gid: int, *, fs_group: bool) -> dict[str, Any]:
+    security: dict[str, Any] = {
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": gid,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    if fs_group:
+        security["fsGroup"] = gid
+    return security
+
+
+def _scratch(engine: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, mounts) of the emptyDirs an image writes to (:data:`SCRATCH_PATHS`)."""
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    for index, path in enumerate(SCRATCH_PATHS[engine]):
+        name = f"scratch-{index}"
+        if path == "/tmp":  # noqa: S108 - an emptyDir mount
+            # On disk: mysqld spills large sorts and temporary tables here.
+            volumes.append({"name": name, "emptyDir": {}})
+        else:
+            # A socket, a lock and a pid file: memory is enough.
+            volumes.append({"name": name, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}})
+        mounts.append({"name": name, "mountPath": path})
+    return volumes, mounts
+
+
+# --- checkov exceptions ------------------------------------------------------
+# scripts/check-k8s.sh scans what the builders make (scripts/render-generated.py);
+# a check that cannot pass is skipped on the object it concerns, with why.
+
+_SKIP_NETWORK_POLICY = (
+    "CKV2_K8S_6=The provider makes no NetworkPolicy: the broker does not know which "
+    "clients may reach a deployment, so isolation is the team namespace's own policy "
+    "(a default-deny per namespace), not one object's."
+)
+
+
+def _skip_digest(image: str, *, team_image: bool) -> str:
+    if team_image:
+        return (
+            f"CKV_K8S_43=The team's own image ({image}), used as the request gives it; "
+            "the team pins a digest by asking for image@sha256:<digest>."
+        )
+    return (
+        f"CKV_K8S_43=Pinned by exact tag ({image}, kidp.providers.onprem_manifests.IMAGES), "
+        "chosen offline without registry access; the tag is also how drift reads the "
+        "running version back."
+    )
+
+
+def _skip_pull_policy(image: str) -> str:
+    return (
+        f"CKV_K8S_15=IfNotPresent on an exact tag ({image}): the pod restarts from the "
+        "node's copy while the registry is unreachable. The official images are public, "
+        "so Always would add no pull-credential check."
+    )
+
+
+def _skip_env_secrets(engine: str) -> str:
+    return (
+        f"CKV_K8S_35=The official {engine} image takes its credentials from environment "
+        "variables, and the postStart hook that applies a rotated password reads them "
+        "there; they come from the credentials Secret by secretKeyRef, never inline."
+    )
+
+
+def _skip_low_uid(engine: str, uid: int) -> str:
+    return (
+        f"CKV_K8S_40=Runs as the official {engine} image's own non-root user (uid {uid}): "
+        "it owns the files on existing volumes, which another uid could not use "
+        "(PostgreSQL refuses a data directory owned by anyone else)."
+    )
+
+
+def _annotate_skips(obj: dict[str, Any], skips: list[str]) -> None:
+    annotations = obj["metadata"].setdefault("annotations", {})
+    for index, skip in enumerate(skips, start=1):
+        annotations[f"checkov.io/skip{index}"] = skip
 
 
 # --- per-engine container details -------------------------------------------
@@ -500,11 +629,12 @@ def _postgres(target: Target, secret: str) -> dict[str, Any]:
         {"name": "POSTGRES_INITDB_ARGS", "value": "--auth-host=scram-sha-256"},
     ]
     # The replication password comes from a passfile written at every start
-    # from the Secret, so a rotated password reaches replicas on restart.
+    # from the Secret, so a rotated password reaches replicas on restart. The
+    # container runs as postgres, so the file is postgres's own.
     start = (
         "set -e; mkdir -p /run/kidp; "
         'printf "*:*:*:%s:%s\\n" "$POSTGRES_USER" "$POSTGRES_PASSWORD" > /run/kidp/pgpass; '
-        "chown postgres:postgres /run/kidp/pgpass; chmod 600 /run/kidp/pgpass; "
+        "chmod 600 /run/kidp/pgpass; "
         'exec docker-entrypoint.sh postgres "$@"'
     )
     # Applies the Secret's password to the running primary (the image only
@@ -549,7 +679,7 @@ def _postgres(target: Target, secret: str) -> dict[str, Any]:
             f"printf \"primary_conninfo = 'host={primary} port=5432 user=%s "
             "passfile=/run/kidp/pgpass application_name=%s'\\n\" "
             '"$POSTGRES_USER" "$HOSTNAME" >> "$c/postgresql.auto.conf"; '
-            'chown -R postgres:postgres "$c"; chmod 700 "$c"; rm -rf "$PGDATA"; mv "$c" "$PGDATA"'
+            'chmod 700 "$c"; rm -rf "$PGDATA"; mv "$c" "$PGDATA"'
         )
         init.append(
             {
@@ -652,7 +782,6 @@ def _redis(target: Target, secret: str) -> dict[str, Any]:
         f'{target.port} "$REDIS_PASSWORD" "$REDIS_PASSWORD" > /run/kidp/redis.conf; '
         'if [ "${HOSTNAME##*-}" != 0 ]; then '
         f'echo "replicaof {primary} {target.port}" >> /run/kidp/redis.conf; fi; '
-        "chown redis:redis /run/kidp/redis.conf; "
         "exec docker-entrypoint.sh redis-server /run/kidp/redis.conf"
     )
     mounts = [{"name": "run", "mountPath": "/run/kidp"}]
@@ -703,6 +832,9 @@ def stateful_objects(target: Target) -> list[dict[str, Any]]:
     mounted = {mount["name"] for mount in container["volumeMounts"]}
     if "run" in mounted:
         volumes.append({"name": "run", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}})
+    scratch_volumes, scratch_mounts = _scratch(target.engine)
+    volumes += scratch_volumes
+    container["volumeMounts"] = [*container["volumeMounts"], *scratch_mounts]
     claims: list[dict[str, Any]] = []
     if target.storage_gb is not None:
         claim_spec: dict[str, Any] = {
@@ -718,10 +850,7 @@ def stateful_objects(target: Target) -> list[dict[str, Any]]:
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 30,
-        "securityContext": {
-            "fsGroup": ENGINE_GIDS[target.engine],
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _pod_security(*ENGINE_USERS[target.engine], fs_group=True),
         "containers": [container],
     }
     if parts["init"]:
@@ -770,6 +899,16 @@ def stateful_objects(target: Target) -> list[dict[str, Any]]:
         "metadata": target.metadata(target.workload),
         "spec": spec,
     }
+    _annotate_skips(
+        statefulset,
+        [
+            _skip_digest(target.image, team_image=False),
+            _skip_pull_policy(target.image),
+            _skip_env_secrets(target.engine),
+            _skip_low_uid(target.engine, ENGINE_USERS[target.engine][0]),
+            _SKIP_NETWORK_POLICY,
+        ],
+    )
     # Clients always reach ordinal 0: the primary the others replicate from.
     primary_selector = {**selector, POD_NAME_LABEL: f"{target.workload}-0"}
     objects += [
@@ -785,21 +924,37 @@ def deployment_objects(target: Target) -> list[dict[str, Any]]:
     selector = target.selector()
     labels = target.labels()
     readiness, liveness = _probes(target)
-    name = "app" if target.deployment.resource_type is ResourceType.SERVICE else target.engine
+    service = target.deployment.resource_type is ResourceType.SERVICE
+    name = "app" if service else target.engine
+    uid, gid = (SERVICE_USER, SERVICE_USER) if service else ENGINE_USERS[target.engine]
+    volumes, mounts = _scratch(target.engine)
     container: dict[str, Any] = {
         "name": name,
         "image": target.image,
-        "imagePullPolicy": "IfNotPresent",
+        # A team's image may be private: Always makes every pod's pull present
+        # the namespace's credentials instead of using a copy another team's
+        # pod left on the node.
+        "imagePullPolicy": "Always" if service else "IfNotPresent",
         "ports": [{"name": "main", "containerPort": target.port, "protocol": "TCP"}],
         "resources": size_resources(target.size),
         "readinessProbe": readiness,
         "livenessProbe": liveness,
         "securityContext": _container_security(),
     }
+    if mounts:
+        container["volumeMounts"] = mounts
     if target.engine == "memcached":
         memory_mb = SIZES[target.size].memory_gib * 1024 * 3 // 4
         # Leave a quarter of the pod's memory for connections and overhead.
         container["args"] = ["memcached", "-m", str(memory_mb)]
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": _pod_security(uid, gid, fs_group=False),
+        "containers": [container],
+    }
+    if volumes:
+        pod_spec["volumes"] = volumes
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -811,17 +966,13 @@ def deployment_objects(target: Target) -> list[dict[str, Any]]:
                 "type": "RollingUpdate",
                 "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
             },
-            "template": {
-                "metadata": {"labels": {**labels, **selector}},
-                "spec": {
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                    "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
-                    "containers": [container],
-                },
-            },
+            "template": {"metadata": {"labels": {**labels, **selector}}, "spec": pod_spec},
         },
     }
+    skips = [_skip_digest(target.image, team_image=service), _SKIP_NETWORK_POLICY]
+    if not service:
+        skips.insert(1, _skip_pull_policy(target.image))
+    _annotate_skips(deployment, skips)
     return [
         _service(target, client_service_name(target.name), selector, port_name="main"),
         deployment,
@@ -988,6 +1139,179 @@ def namespace_object(name: str, labels: Mapping[str, str]) -> dict[str, Any]:
         "kind": "Namespace",
         "metadata": {"name": name, "labels": dict(labels)},
     }
+
+
+# --- a sample of everything the provider generates ---------------------------
+# One matrix for every check that runs without a cluster: the tests validate it
+# against the Kubernetes schemas, scripts/render-generated.py writes it out for
+# checkov. Values are placeholders; shapes are the provider's.
+
+SAMPLE_NAMESPACE = "team-platform"
+SAMPLE_DEPLOYMENT_LABEL = tags.encode_key(tags.DEPLOYMENT_ID, dialect="kubernetes")
+SAMPLE_SERVICE_IMAGE = "ghcr.io/example/user-api:1.4.2"
+SAMPLE_USERNAME = "kidpadmin"
+SAMPLE_PASSWORD = "p" * 32  # a placeholder: shapes matter here, not values
+
+
+def sample_deployment(
+    resource_type: ResourceType = ResourceType.DATABASE,
+    *,
+    name: str = "app-db",
+    namespace: str = SAMPLE_NAMESPACE,
+    policy: DeletionPolicy = DeletionPolicy.DELETE,
+    **spec: Any,
+) -> Deployment:
+    """A deployment record as the broker stores it, its spec normalised by the
+    catalogue; a database without an engine is PostgreSQL 15."""
+    if resource_type is ResourceType.DATABASE and "engine" not in spec:
+        spec["engine"] = "postgresql"
+        spec.setdefault("version", "15")
+    normalized = catalog.normalize(resource_type, ResourceSpec(**spec), catalog.ENGINES)
+    return Deployment(
+        id="deploy-" + "ab" * 16,
+        namespace=namespace,
+        resource_type=resource_type,
+        resource_name=name,
+        team="platform-team",
+        owner="owner@example.com",
+        application="user-service",
+        resource_uid="550e8400-e29b-41d4-a716-446655440000",
+        callback_url=None,
+        spec=normalized,
+        spec_fingerprint="x",
+        deletion_policy=policy,
+        provider="onprem",
+        region="sample",
+    )
+
+
+def sample_target(deployment: Deployment, *, storage_class: str | None = None) -> Target:
+    """``deployment`` as the provider targets it, with the default tag prefix."""
+    return Target(
+        deployment=deployment,
+        namespace=deployment.namespace,
+        tag_labels=tags.encode(tags.logical_tags(deployment), dialect="kubernetes"),
+        deployment_label=SAMPLE_DEPLOYMENT_LABEL,
+        storage_class=storage_class,
+    )
+
+
+def sample_targets(sizes: Iterable[Size] = tuple(Size)) -> list[Target]:
+    """Every engine, version and highAvailability the provider accepts on the
+    plain path, in ``sizes``, with both deletion policies and with/without a
+    storage class; and a ``service`` in each size, with and without HA."""
+    sizes = tuple(sizes)
+    found: list[Target] = []
+    for rtype in (ResourceType.DATABASE, ResourceType.CACHE):
+        for engine, versions in catalog.ENGINES[rtype].items():
+            for version, size, ha in itertools.product(versions, sizes, (False, True)):
+                if ha and not plain_ha_supported(engine):
+                    continue
+                for policy, storage_class in (
+                    (DeletionPolicy.DELETE, None),
+                    (DeletionPolicy.RETAIN, "fast-ssd"),
+                ):
+                    dep = sample_deployment(
+                        rtype,
+                        engine=engine,
+                        version=version,
+                        size=size,
+                        high_availability=ha,
+                        policy=policy,
+                    )
+                    found.append(sample_target(dep, storage_class=storage_class))
+    for size, ha in itertools.product(sizes, (False, True)):
+        dep = sample_deployment(
+            ResourceType.SERVICE,
+            name="user-api",
+            image=SAMPLE_SERVICE_IMAGE,
+            port=8080,
+            size=size,
+            high_availability=ha,
+        )
+        found.append(sample_target(dep))
+    return found
+
+
+def plain_objects(target: Target) -> list[dict[str, Any]]:
+    """What the provider sends on the plain (operator-less) path, Secret first."""
+    objects: list[dict[str, Any]] = []
+    if target.engine != "memcached" and target.deployment.resource_type is not ResourceType.SERVICE:
+        objects.append(
+            credentials_secret(
+                target,
+                username=SAMPLE_USERNAME,
+                password=SAMPLE_PASSWORD,
+                endpoint=service_dns(client_service_name(target.name), target.namespace),
+                port=target.port,
+            )
+        )
+    if target.deployment.resource_type is ResourceType.SERVICE or target.engine == "memcached":
+        return objects + deployment_objects(target)
+    return objects + stateful_objects(target)
+
+
+def operator_objects(target: Target) -> list[dict[str, Any]]:
+    """What the provider sends when an operator runs ``target``: the zalando
+    postgres-operator for PostgreSQL, spotahome's redis-operator for Redis."""
+    secret = credentials_secret(
+        target,
+        username=SAMPLE_USERNAME,
+        password=SAMPLE_PASSWORD,
+        endpoint=service_dns(client_service_name(target.name), target.namespace),
+        port=target.port,
+    )
+    if target.engine == "postgresql":
+        return [
+            secret,
+            zalando_user_secret(target, username=SAMPLE_USERNAME, password=SAMPLE_PASSWORD),
+            *zalando_objects(target, SAMPLE_USERNAME),
+            zalando_client_service(target),
+        ]
+    if target.engine == "redis":
+        return [secret, *redis_failover_objects(target)]
+    raise ValueError(f"no operator runs {target.engine!r}")
+
+
+def sample_objects(sizes: Iterable[Size] = (Size.SMALL,)) -> dict[str, list[dict[str, Any]]]:
+    """Every kind of object the provider generates, grouped by what produced it
+    (``<path>-<engine>-<version>-<size>-<ha|single>-<policy>``): the plain
+    matrix in ``sizes``, both operators' resources with and without HA, a
+    Kafka topic and a new namespace. Sizes change only quantities, so one is
+    representative."""
+    sizes = tuple(sizes)
+    groups: dict[str, list[dict[str, Any]]] = {}
+
+    def key(path: str, target: Target) -> str:
+        spec = target.deployment.spec
+        parts = [
+            path,
+            target.component,
+            spec.version or "",
+            target.size.value,
+            "ha" if spec.high_availability else "single",
+            target.deployment.deletion_policy.value.lower(),
+        ]
+        return "-".join(part.replace(".", "_") for part in parts if part)
+
+    for target in sample_targets(sizes):
+        groups[key("plain", target)] = plain_objects(target)
+    for engine, version in (("postgresql", "15"), ("redis", "7.2")):
+        for size, ha in itertools.product(sizes, (False, True)):
+            dep = sample_deployment(engine=engine, version=version, size=size, high_availability=ha)
+            target = sample_target(dep, storage_class="fast-ssd")
+            groups[key("operator", target)] = operator_objects(target)
+    topic = sample_target(
+        sample_deployment(ResourceType.TOPIC, name="orders", engine="kafka", partitions=6)
+    )
+    groups[key("strimzi", topic)] = kafka_topic_objects(
+        topic,
+        kafka_cluster="events",
+        kafka_namespace="kafka",
+        api_version=f"{STRIMZI_GROUP}/v1beta2",
+    )
+    groups["namespace"] = [namespace_object(SAMPLE_NAMESPACE, topic.tag_labels)]
+    return groups
 
 
 # --- what a set of objects asks of a namespace's quota ----------------------
