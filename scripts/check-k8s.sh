@@ -8,7 +8,12 @@
 #      the Dockerfile);
 #   3. scan the rendered objects and onprem/Dockerfile with checkov, and the
 #      Dockerfile with hadolint. Exceptions are checkov.io/skipN annotations on
-#      the objects, each with its reason.
+#      the objects, each with its reason;
+#   4. write every object the on-prem provider generates (every engine and
+#      version, HA or not, both deletion policies, a service, the operators'
+#      resources: scripts/render-generated.py, the matrix the tests validate)
+#      and scan those with checkov too; their exceptions are annotations the
+#      builders in kidp.providers.onprem_manifests write, each with its reason.
 # Exits non-zero on the first failure.
 #
 # Needs .venv (scripts/setup.sh dev) and .venv-tools (scripts/setup-tools.sh:
@@ -23,7 +28,7 @@ if [ -z "$kubectl" ]; then
   kubectl="$tools/kubectl"
   [ -x "$kubectl" ] || kubectl=.venv/bin/kubectl
 fi
-for tool in "$kubectl" "$tools/checkov" "$tools/hadolint" .venv/bin/pytest; do
+for tool in "$kubectl" "$tools/checkov" "$tools/hadolint" .venv/bin/pytest .venv/bin/python; do
   if [ ! -x "$tool" ]; then
     echo "check-k8s: $tool is missing (run scripts/setup.sh dev and scripts/setup-tools.sh)" >&2
     exit 2
@@ -31,7 +36,8 @@ for tool in "$kubectl" "$tools/checkov" "$tools/hadolint" .venv/bin/pytest; do
 done
 
 rendered="$(mktemp -d)"
-trap 'rm -rf "$rendered"' EXIT
+generated="$(mktemp -d)"
+trap 'rm -rf "$rendered" "$generated"' EXIT
 
 echo "== kustomize build ($("$kubectl" version --client | grep -i kustomize))"
 for kustomization in base overlays/dev overlays/production crds registration; do
@@ -46,6 +52,10 @@ KIDP_KUBECTL="$kubectl" .venv/bin/pytest -q -p no:cacheprovider tests/infra/test
 echo "== checkov: rendered manifests"
 # --skip-download: offline, no guideline or policy downloads.
 "$tools/checkov" --quiet --compact --skip-download --framework kubernetes -d "$rendered"
+
+echo "== checkov: objects the on-prem provider generates"
+.venv/bin/python scripts/render-generated.py "$generated"
+"$tools/checkov" --quiet --compact --skip-download --framework kubernetes -d "$generated"
 
 echo "== checkov: onprem/Dockerfile"
 "$tools/checkov" --quiet --compact --skip-download --framework dockerfile -f onprem/Dockerfile
