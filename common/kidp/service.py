@@ -25,6 +25,7 @@ import secrets as random_secrets
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -155,6 +156,7 @@ class BrokerService:
         self.started = self.clock.monotonic()
         self._checks_lock = threading.Lock()
         self._checks: dict[str, tuple[float, bool, dict[str, Any]]] = {}
+        self.metrics.use_provider(self.provider.name)
 
     # ------------------------------------------------------------------ submit
 
@@ -554,7 +556,13 @@ class BrokerService:
         }
 
     def _check_health(self) -> tuple[bool, dict[str, Any]]:
-        counts = self.store.count_by_phase()
+        # One grouped count serves the health body and broker_resources_total,
+        # so every role's /metrics carries the gauge once it is probed.
+        grouped = self.store.count_by_namespace_type_phase()
+        self.metrics.set_resources(grouped)
+        counts: Counter[Phase] = Counter()
+        for (_, _, phase), n in grouped.items():
+            counts[phase] += n
         checks = {
             "store": _probe(self.store.check),
             "queue": _probe(self.queue.check),

@@ -708,6 +708,22 @@ def test_deprovision_through_the_api_deletes_the_instance_and_its_secret(lam: La
     assert lam.phases() == ["Provisioning", "Ready", "Deleting", "Deleted"]
 
 
+def test_the_reconcile_schedule_counts_deployments_for_cloudwatch(
+    lam: Lambda, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lam.provision()
+    capsys.readouterr()
+    lam.handlers.scan({"scan": "reconcile"}, Context())
+    emitted = [
+        json.loads(line)
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("{") and "broker_resources_total" in line
+    ]
+    assert [
+        (e["namespace"], e["type"], e["phase"], e["broker_resources_total"]) for e in emitted
+    ] == [("team-platform", "database", "Pending", [1.0])]
+
+
 def test_dlq_refuses_an_unknown_action(lam: Lambda) -> None:
     with pytest.raises(ValidationFailed, match="list or redrive"):
         lam.handlers.dlq({"action": "purge"}, Context())

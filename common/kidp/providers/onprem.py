@@ -55,6 +55,7 @@ from __future__ import annotations
 import builtins
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -193,8 +194,11 @@ def load_api_client(*, kubeconfig: str | None, context: str | None) -> tuple[Any
     from kubernetes import client, config
     from kubernetes.config.config_exception import ConfigException
 
+    # KUBECONFIG is read now: the kubernetes package fixes its default location
+    # when it is first imported, which may be before the variable was set.
+    config_file = kubeconfig if kubeconfig is not None else os.environ.get("KUBECONFIG") or None
     try:
-        api_client = config.new_client_from_config(config_file=kubeconfig, context=context)
+        api_client = config.new_client_from_config(config_file=config_file, context=context)
     except (ConfigException, OSError) as kubeconfig_error:
         if kubeconfig is not None or context is not None:
             raise ValidationFailed(
@@ -213,7 +217,7 @@ def load_api_client(*, kubeconfig: str | None, context: str | None) -> tuple[Any
     name = context
     if name is None:
         try:
-            _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+            _, active = config.list_kube_config_contexts(config_file=config_file)
             name = str(active.get("name")) if active else None
         except ConfigException:
             name = None
