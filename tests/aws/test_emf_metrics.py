@@ -11,32 +11,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
+from tests.conftest import LambdaContext as Context
 from tests.conftest import bearer_token, create_queue_with_dlq
 
 ROOT = Path(__file__).resolve().parents[2]
 REGION = "us-east-1"
 JWT_SECRET = "e" * 48
-
-
-@dataclass
-class Context:
-    """The attributes of Lambda's context object that Powertools reads."""
-
-    function_name: str = "kidp-broker-test-api"
-    memory_limit_in_mb: int = 512
-    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:kidp-broker-test"
-    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 30_000
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import importlib.util
 import json
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,6 +29,7 @@ from typing import Any
 import boto3
 import pytest
 from botocore.awsrequest import AWSResponse, HTTPHeaders
+from tests.conftest import LambdaContext as Context
 from tests.conftest import SqsClock, bearer_token, create_queue_with_dlq
 
 from kidp.errors import ValidationFailed
@@ -53,19 +54,6 @@ def load_handlers() -> ModuleType:
 
 def fixture(name: str) -> dict[str, Any]:
     return dict(json.loads((EVENTS / name).read_text()))
-
-
-@dataclass
-class Context:
-    """The attributes of Lambda's context object that Powertools reads."""
-
-    function_name: str = "kidp-broker-test"
-    memory_limit_in_mb: int = 512
-    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:kidp-broker-test"
-    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 30_000
 
 
 @dataclass

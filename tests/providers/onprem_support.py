@@ -17,9 +17,9 @@ import kubernetes
 import pytest
 from urllib3.connection import HTTPConnection
 
-from kidp import catalog
 from kidp.kube_emulator import KubeEmulator, start_kubernetes_emulator
-from kidp.models import DeletionPolicy, Deployment, ResourceSpec, ResourceType
+from kidp.models import DeletionPolicy, Deployment, ResourceType
+from kidp.providers import onprem_manifests as m
 
 NS = "team-platform"
 
@@ -69,24 +69,9 @@ def deployment(
     deployment_id: str = "deploy-" + "ab" * 16,
     **spec: Any,
 ) -> Deployment:
-    """A valid on-prem deployment; a database without an engine is PostgreSQL 15."""
-    if resource_type is ResourceType.DATABASE and "engine" not in spec:
-        spec["engine"] = "postgresql"
-        spec.setdefault("version", "15")
-    normalized = catalog.normalize(resource_type, ResourceSpec(**spec), catalog.ENGINES)
-    return Deployment(
-        id=deployment_id,
-        namespace=namespace,
-        resource_type=resource_type,
-        resource_name=name,
-        team="platform-team",
-        owner="owner@example.com",
-        application="user-service",
-        resource_uid="550e8400-e29b-41d4-a716-446655440000",
-        callback_url=None,
-        spec=normalized,
-        spec_fingerprint="x",
-        deletion_policy=policy,
-        provider="onprem",
-        region="test",
+    """A valid on-prem deployment (the manifests' sample, in namespace ``NS``
+    under ``deployment_id``); a database without an engine is PostgreSQL 15."""
+    sample = m.sample_deployment(
+        resource_type, name=name, namespace=namespace, policy=policy, **spec
     )
+    return sample.model_copy(update={"id": deployment_id, "region": "test"})

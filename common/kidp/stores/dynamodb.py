@@ -609,29 +609,20 @@ class DynamoDbDeploymentStore:
                 self._pause(attempt)
         raise StoreUnavailable("the deployment table stayed contended; try again")
 
-    @translate_errors
     def count_by_phase(self) -> dict[Phase, int]:
         """How many deployments are in each phase (every phase present, zeros included)."""
         counts = dict.fromkeys(Phase, 0)
-        paginator = self._client.get_paginator("query")
-        for phase in Phase:
-            pages = paginator.paginate(
-                TableName=self.table_name,
-                IndexName=GSI_PHASE,
-                KeyConditionExpression="gsi2pk = :p",
-                ExpressionAttributeValues={":p": _s(f"PHASE#{phase.value}")},
-                Select="COUNT",
-            )
-            counts[phase] = sum(int(page.get("Count", 0)) for page in pages)
+        for (_, _, phase), n in self.count_by_namespace_type_phase().items():
+            counts[phase] += n
         return counts
 
     @translate_errors
     def count_by_namespace_type_phase(self) -> dict[tuple[str, ResourceType, Phase], int]:
         """How many deployments per (namespace, resource type, phase).
 
-        The same queries as :meth:`count_by_phase`, projecting two attributes
-        instead of counting: DynamoDB bills the items read either way, so the
-        grouping costs no more read capacity than the plain count.
+        One query of the phase index per phase, projecting two attributes:
+        DynamoDB bills the items read either way, so :meth:`count_by_phase`
+        sums this rather than running ``Select=COUNT`` queries of its own.
         """
         counts: Counter[tuple[str, ResourceType, Phase]] = Counter()
         paginator = self._client.get_paginator("query")
