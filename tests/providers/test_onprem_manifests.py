@@ -46,6 +46,18 @@ def test_the_matrix_covers_every_engine_version_size_and_ha() -> None:
     assert any(t.deployment.spec.high_availability for t in ALL)
 
 
+def test_sample_objects_keeps_one_group_per_target_so_no_sample_replaces_another() -> None:
+    # Redis is in the catalogue as both database and cache; without the type
+    # in the group name the cache samples would replace the database ones.
+    sizes = (Size.SMALL, Size.LARGE)
+    operators = 2 * len(sizes) * 2  # Zalando and Redis failover, with and without HA
+    extras = operators + 1 + 1  # plus the KafkaTopic and the Namespace
+    groups = m.sample_objects(sizes)
+    assert len(groups) == len(m.sample_targets(sizes)) + extras
+    assert any(g.startswith("plain-database-redis-") for g in groups)
+    assert any(g.startswith("plain-cache-redis-") for g in groups)
+
+
 def test_every_plain_manifest_passes_kubernetes_validate_strict() -> None:
     seen: set[str] = set()
     engines: set[tuple[str, str]] = set()

@@ -1275,40 +1275,49 @@ def operator_objects(target: Target) -> list[dict[str, Any]]:
 
 def sample_objects(sizes: Iterable[Size] = (Size.SMALL,)) -> dict[str, list[dict[str, Any]]]:
     """Every kind of object the provider generates, grouped by what produced it
-    (``<path>-<engine>-<version>-<size>-<ha|single>-<policy>``): the plain
-    matrix in ``sizes``, both operators' resources with and without HA, a
-    Kafka topic and a new namespace. Sizes change only quantities, so one is
-    representative."""
+    (``<path>-<type>-<engine>-<version>-<size>-<ha|single>-<policy>``): the
+    plain matrix in ``sizes``, both operators' resources with and without HA,
+    a Kafka topic and a new namespace. Sizes change only quantities, so one is
+    representative. Raises ``ValueError`` if two targets would share a group,
+    since one would silently replace the other."""
     sizes = tuple(sizes)
     groups: dict[str, list[dict[str, Any]]] = {}
 
-    def key(path: str, target: Target) -> str:
+    def add(path: str, target: Target, objects: list[dict[str, Any]]) -> None:
         spec = target.deployment.spec
         parts = [
             path,
-            target.component,
+            target.deployment.resource_type.value,
+            target.engine,
             spec.version or "",
             target.size.value,
             "ha" if spec.high_availability else "single",
             target.deployment.deletion_policy.value.lower(),
         ]
-        return "-".join(part.replace(".", "_") for part in parts if part)
+        group = "-".join(part.replace(".", "_") for part in parts if part)
+        if group in groups:
+            raise ValueError(f"two sample targets share the group {group!r}")
+        groups[group] = objects
 
     for target in sample_targets(sizes):
-        groups[key("plain", target)] = plain_objects(target)
+        add("plain", target, plain_objects(target))
     for engine, version in (("postgresql", "15"), ("redis", "7.2")):
         for size, ha in itertools.product(sizes, (False, True)):
             dep = sample_deployment(engine=engine, version=version, size=size, high_availability=ha)
             target = sample_target(dep, storage_class="fast-ssd")
-            groups[key("operator", target)] = operator_objects(target)
+            add("operator", target, operator_objects(target))
     topic = sample_target(
         sample_deployment(ResourceType.TOPIC, name="orders", engine="kafka", partitions=6)
     )
-    groups[key("strimzi", topic)] = kafka_topic_objects(
+    add(
+        "strimzi",
         topic,
-        kafka_cluster="events",
-        kafka_namespace="kafka",
-        api_version=f"{STRIMZI_GROUP}/v1beta2",
+        kafka_topic_objects(
+            topic,
+            kafka_cluster="events",
+            kafka_namespace="kafka",
+            api_version=f"{STRIMZI_GROUP}/v1beta2",
+        ),
     )
     groups["namespace"] = [namespace_object(SAMPLE_NAMESPACE, topic.tag_labels)]
     return groups
