@@ -3784,6 +3784,7 @@ class _Controllers:
                 if not parallel:
                     break
         policy = spec.get("persistentVolumeClaimRetentionPolicy") or {}
+        self.statefulset_claim_owners(sts, pods)
         for ordinal in sorted((i for i in pods if i >= replicas), reverse=True):
             others = [p for i, p in pods.items() if i != ordinal]
             if not parallel and not all(_pod_ready(p) for p in others):
@@ -3845,6 +3846,38 @@ class _Controllers:
             ("readyReplicas", "currentReplicas", "updatedReplicas"),
         )
         self.write_status(_STS, sts, status)
+
+    def statefulset_claim_owners(self, sts: JSON, pods: dict[int, JSON]) -> None:
+        """Bring each pod's claims in line with ``whenDeleted``, as the real
+        controller does on every sync: owned by the StatefulSet under Delete,
+        not owned by it under Retain (only its own reference is touched)."""
+        namespace, name, uid = _ns(sts), _name(sts), _uid(sts)
+        spec = sts.get("spec", {})
+        policy = spec.get("persistentVolumeClaimRetentionPolicy") or {}
+        owned = policy.get("whenDeleted") == "Delete"
+        for ordinal in sorted(pods):
+            for template in spec.get("volumeClaimTemplates") or []:
+                claim = self.c.get(
+                    _PVC, namespace, f"{template['metadata']['name']}-{name}-{ordinal}"
+                )
+                if claim is None or claim["metadata"].get("deletionTimestamp"):
+                    continue
+                refs = claim["metadata"].get("ownerReferences") or []
+                others = [ref for ref in refs if ref.get("uid") != uid]
+                if owned == (len(others) != len(refs)):
+                    continue
+                updated = copy.deepcopy(claim)
+                if owned:
+                    updated["metadata"]["ownerReferences"] = [
+                        *refs,
+                        _owner_ref(_STS, sts, controller=False),
+                    ]
+                elif others:
+                    updated["metadata"]["ownerReferences"] = others
+                else:
+                    updated["metadata"].pop("ownerReferences", None)
+                with contextlib.suppress(ApiError):
+                    self.c.replace(_PVC, namespace, _name(claim), updated)
 
     def create_statefulset_pod(self, sts: JSON, ordinal: int, revision: str) -> JSON | None:
         namespace, name = _ns(sts), _name(sts)

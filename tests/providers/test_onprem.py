@@ -447,7 +447,7 @@ def test_retain_keeps_claims_and_credentials_and_a_new_deployment_adopts_them(
 
 
 def test_a_retain_asked_for_at_deprovision_keeps_claims_made_under_delete(
-    emulator: KubeEmulator, provider: KubernetesProvider
+    emulator: KubeEmulator, provider: KubernetesProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # POST /v1/deprovision may change deletionPolicy: the StatefulSet was made
     # with whenDeleted Delete, so its claims carry ownerReferences to it and
@@ -459,7 +459,19 @@ def test_a_retain_asked_for_at_deprovision_keeps_claims_made_under_delete(
     for claim in emulator.objects("v1", "persistentvolumeclaims", NS):
         assert claim["metadata"].get("ownerReferences"), "the premise: owned by the StatefulSet"
 
+    # The StatefulSet controller syncs claim owners to whenDeleted on every
+    # pass: give it one between the claims' relabelling and the StatefulSet's
+    # deletion, as a real cluster would, so only the policy change keeps them.
+    delete = provider.api.delete
+
+    def delete_after_a_sync(kind: Any, namespace: str, name: str) -> bool:
+        if kind.plural == "statefulsets":
+            time.sleep(0.3)
+        return delete(kind, namespace, name)
+
+    monkeypatch.setattr(provider.api, "delete", delete_after_a_sync)
     delete_all(provider, dep.model_copy(update={"deletion_policy": DeletionPolicy.RETAIN}))
+    monkeypatch.undo()
     # The StatefulSet's dependents go in the background: wait until the
     # collector has been through (its pods gone), then look at the claims.
     assert eventually(
