@@ -1163,14 +1163,19 @@ def _lifecycle_calls() -> dict[str, set[tuple[str, str]]]:
             if provider.delete(deployment):
                 return
             time.sleep(0.05)
+        raise AssertionError(f"deleting {deployment.resource_name} never finished")
 
     def settled(provider: Any, deployment: Deployment) -> None:
         phase[0] = "reader"
-        for _ in range(100):
-            if provider.get_status(deployment).state in ("available", "failed"):
-                break
-            time.sleep(0.05)
-        phase[0] = "all"
+        try:
+            for _ in range(100):
+                state = provider.get_status(deployment).state
+                if state in ("available", "failed"):
+                    return
+                time.sleep(0.05)
+            raise AssertionError(f"{deployment.resource_name} still {state} after 5s")
+        finally:
+            phase[0] = "all"
 
     def run(provider: Any, resource_type: ResourceType, name: str, **spec: Any) -> None:
         normalized = catalog.normalize(resource_type, ResourceSpec(**spec), provider.supported())
