@@ -468,3 +468,22 @@ def test_the_whole_flow_on_postgresql(make_broker: Any, postgres_url: str) -> No
     h.drain()
     assert h.phases() == ["Provisioning", "Ready", "Deleting", "Deleted"]
     assert instances() == []
+
+
+def test_metrics_answer_with_the_last_counts_when_the_store_does_not(
+    make_broker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kidp.errors import StoreUnavailable
+
+    h = make_broker()
+    h.submit()
+    line = 'broker_resources_total{namespace="team-platform",phase="Pending",type="database"} 1.0'
+    assert line in h.service.render_metrics().decode()
+
+    def down() -> None:
+        raise StoreUnavailable("the store is down")
+
+    monkeypatch.setattr(h.store, "count_by_namespace_type_phase", down)
+    text = h.service.render_metrics().decode()
+    assert line in text  # the last counts, not a failed scrape
+    assert "kidp_broker_requests_total" in text

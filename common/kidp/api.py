@@ -373,15 +373,8 @@ def create_app(
     @app.get("/metrics", tags=["health"], response_class=Response)
     def metrics() -> Response:
         """Prometheus metrics."""
-        # Counted per scrape, as state gauges are: one grouped query, and the
-        # value is as fresh as the scrape whether or not /health was probed.
-        try:
-            service.metrics.set_resources(service.store.count_by_namespace_type_phase())
-        except BrokerError as exc:
-            # The other metrics still answer; the gauge keeps its last counts.
-            log.warning("resource counts unavailable", extra={"reason": exc.message})
         return Response(
-            service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+            service.render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
 
     @app.get("/v1/catalog", tags=["discovery"])
@@ -537,5 +530,4 @@ def create_app(
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    service.metrics.use_provider(service.provider.name)
     return Gatekeeper(app, service, verifier=verifier, limiter=limiter)

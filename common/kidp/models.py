@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -418,3 +419,12 @@ class Job(BaseModel):
     @classmethod
     def from_json(cls, raw: str | bytes) -> Job:
         return cls.model_validate_json(raw)
+
+
+def phase_totals(grouped: Mapping[tuple[str, ResourceType, Phase], int]) -> dict[Phase, int]:
+    """Deployments per phase (every phase present, zeros included) from counts
+    per (namespace, resource type, phase)."""
+    totals = dict.fromkeys(Phase, 0)
+    for (_, _, phase), n in grouped.items():
+        totals[phase] += n
+    return totals

@@ -142,7 +142,7 @@ class ProbeServer:
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    self._send(200, service.metrics.render(), "text/plain; version=0.0.4")
+                    self._send(200, service.render_metrics(), "text/plain; version=0.0.4")
                     return
                 probe = {"/health": service.health, "/readiness": service.readiness}.get(path)
                 if probe is None:

@@ -25,7 +25,6 @@ import secrets as random_secrets
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -65,6 +64,7 @@ from kidp.models import (
     ResourceType,
     SecretRef,
     new_deployment_id,
+    phase_totals,
     utcnow,
 )
 from kidp.observability import Metrics
@@ -555,14 +555,27 @@ class BrokerService:
             "uptimeSeconds": uptime,
         }
 
-    def _check_health(self) -> tuple[bool, dict[str, Any]]:
-        # One grouped count serves the health body and broker_resources_total,
-        # so every role's /metrics carries the gauge once it is probed.
+    def count_resources(self) -> dict[Phase, int]:
+        """Deployments per phase, counted once per (namespace, type, phase) and
+        set as ``broker_resources_total``: by the health check, every scrape
+        (:meth:`render_metrics`) and every reconcile, which is when a Lambda,
+        which no scraper visits, emits it."""
         grouped = self.store.count_by_namespace_type_phase()
         self.metrics.set_resources(grouped)
-        counts: Counter[Phase] = Counter()
-        for (_, _, phase), n in grouped.items():
-            counts[phase] += n
+        return phase_totals(grouped)
+
+    def render_metrics(self) -> bytes:
+        """The Prometheus exposition with ``broker_resources_total`` counted
+        now; a store that does not answer leaves the gauge at its last counts
+        and the other metrics still answer."""
+        try:
+            self.count_resources()
+        except BrokerError as exc:
+            log.warning("resource counts unavailable", extra={"reason": exc.message})
+        return self.metrics.render()
+
+    def _check_health(self) -> tuple[bool, dict[str, Any]]:
+        counts = self.count_resources()
         checks = {
             "store": _probe(self.store.check),
             "queue": _probe(self.queue.check),
@@ -636,15 +649,9 @@ class BrokerService:
             return
         if job.kind is JobKind.SYNC:
             # A sync never owns the deployment (no job token): it only reads the
-            # cloud now instead of at the next poll or scan, so an error of its
-            # own (a refused read) must not fail a Ready deployment.
-            try:
-                self._sync(deployment)
-            except PermanentError as exc:
-                log.warning(
-                    "sync failed; the next poll or drift scan checks again",
-                    extra={"deploymentId": deployment.id, "reason": exc.message},
-                )
+            # cloud now instead of at the next poll or scan. Its own errors are
+            # dropped by kidp.work, never turned into a Failed deployment.
+            self._sync(deployment)
             return
         if deployment.job_token is not None and job.id != deployment.job_token:
             log.debug("superseded job dropped", extra={"deploymentId": deployment.id})
@@ -1211,6 +1218,7 @@ class BrokerService:
         repaired["purged"] = self.store.purge_finished(
             before=now - timedelta(days=self.settings.deleted_retention_days)
         )
+        self.count_resources()
         if any(repaired.values()):
             log.info("reconciled", extra=repaired)
         return repaired

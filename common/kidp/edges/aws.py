@@ -575,12 +575,7 @@ def scan(event: dict[str, Any], context: Any) -> dict[str, Any]:
     name = scan_name(event)
     token = correlation_id.set(str(event.get("id") or getattr(context, "aws_request_id", "")))
     try:
-        b = broker()
-        result = run_scan(b.scanner, name)
-        if name == "reconcile":
-            # No scraper asks a Lambda for /metrics: the reconcile schedule is
-            # when broker_resources_total is counted and goes out as EMF.
-            b.service.metrics.set_resources(b.service.store.count_by_namespace_type_phase())
+        result = run_scan(broker().scanner, name)
         log.info("scan finished", extra={"scan": name, "result": result})
         return {"scan": name, "result": result}
     finally:

@@ -97,6 +97,7 @@ from kidp.models import (
     Deployment,
     Phase,
     ResourceType,
+    phase_totals,
 )
 from kidp.providers.aws_clients import new_client
 from kidp.providers.aws_errors import THROTTLING_CODES, error_code, is_temporary
@@ -611,10 +612,7 @@ class DynamoDbDeploymentStore:
 
     def count_by_phase(self) -> dict[Phase, int]:
         """How many deployments are in each phase (every phase present, zeros included)."""
-        counts = dict.fromkeys(Phase, 0)
-        for (_, _, phase), n in self.count_by_namespace_type_phase().items():
-            counts[phase] += n
-        return counts
+        return phase_totals(self.count_by_namespace_type_phase())
 
     @translate_errors
     def count_by_namespace_type_phase(self) -> dict[tuple[str, ResourceType, Phase], int]:

@@ -46,6 +46,7 @@ from kidp.models import (
     Deployment,
     Phase,
     ResourceType,
+    phase_totals,
 )
 from kidp.stores.records import as_utc, stale, started
 
@@ -585,12 +586,7 @@ class SqlDeploymentStore:
     @translate_errors
     def count_by_phase(self) -> dict[Phase, int]:
         """How many deployments are in each phase (every phase present, zeros included)."""
-        counts = dict.fromkeys(Phase, 0)
-        stmt = sa.select(deployments.c.phase, sa.func.count()).group_by(deployments.c.phase)
-        with self._engine.connect() as conn:
-            for phase, count in conn.execute(stmt):
-                counts[Phase(phase)] = int(count)
-        return counts
+        return phase_totals(self.count_by_namespace_type_phase())
 
     @translate_errors
     def count_by_namespace_type_phase(self) -> dict[tuple[str, ResourceType, Phase], int]:
