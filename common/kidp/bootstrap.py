@@ -164,8 +164,8 @@ def build_queue(settings: Settings, store: DeploymentStore) -> JobQueue:
             dead_letter_queue_url=settings.aws_dead_letter_queue_url,
         )
     raise ValidationFailed(
-        f"KIDP_QUEUE_URL '{url.scheme}://{url.netloc}' is not supported; use an SQS queue URL "
-        "or nats://host:4222/<stream>, or leave it unset for the store's own table"
+        f"KIDP_QUEUE_URL '{url.scheme}://{url.hostname or ''}' is not supported; use an SQS "
+        "queue URL or nats://host:4222/<stream>, or leave it unset for the store's own table"
     )
 
 

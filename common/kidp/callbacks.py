@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,12 +107,17 @@ class CallbackSender:
         self._timeout_seconds = timeout_seconds
         self._transport = transport
         self._http: httpx.Client | None = None
+        # Worker threads share one sender: the first callbacks may race to
+        # create the client, and close() may run while another thread sends.
+        self._http_lock = threading.Lock()
 
     @property
     def _client(self) -> httpx.Client:
         # Built at the first callback: most functions (the API, scans) never
         # send one, and importing the HTTP client is a fifth of a cold start.
-        if self._http is None:
+        with self._http_lock:
+            if self._http is not None:
+                return self._http
             import httpx
 
             self._http = httpx.Client(
@@ -128,7 +134,7 @@ class CallbackSender:
                 # that a fresh connection each time costs nothing that matters.
                 limits=httpx.Limits(max_keepalive_connections=0),
             )
-        return self._http
+            return self._http
 
     def send(self, event: CallbackEvent) -> DeliveryResult:
         """POST ``event.payload`` to ``event.url`` once; never raises for a failed delivery.
@@ -195,9 +201,10 @@ class CallbackSender:
 
     def close(self) -> None:
         """Release the HTTP client's connections."""
-        if self._http is not None:
-            self._http.close()
-            self._http = None
+        with self._http_lock:
+            if self._http is not None:
+                self._http.close()
+                self._http = None
 
     def __enter__(self) -> CallbackSender:
         return self

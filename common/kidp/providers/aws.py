@@ -60,7 +60,7 @@ from kidp.models import (
     Size,
 )
 from kidp.ports import Credentials, PasswordPolicy, QuotaReport
-from kidp.providers.aws_clients import ClientFactory
+from kidp.providers.aws_clients import new_client
 from kidp.providers.aws_errors import SERVER_CODES as _SERVER_CODES
 from kidp.providers.aws_errors import THROTTLING_CODES
 from kidp.providers.aws_errors import Refused as _Refused
@@ -385,7 +385,7 @@ class AwsProvider:
         # The factory serialises creation itself; the provider's lock also
         # keeps two threads from making the same service's client.
         self._make_client: Callable[..., Any] = (
-            session.client if session is not None else ClientFactory()
+            session.client if session is not None else new_client
         )
         self._clients: dict[str, Any] = dict(clients or {})
         self._on_call = on_call

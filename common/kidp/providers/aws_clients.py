@@ -4,7 +4,9 @@ queue, Secrets Manager store), made with botocore directly.
 boto3 adds resources and S3 transfers on top of botocore's clients; the broker
 uses neither, and importing boto3 (s3transfer, multiprocessing) costs about
 70 ms of every Lambda cold start. The clients are the same objects boto3's
-``Session.client`` returns.
+``Session.client`` returns. Every adapter of a process makes its clients
+with :data:`new_client`, from one session: a session loads the endpoint and
+service models once, and a Lambda should pay for that once, not per adapter.
 """
 
 from __future__ import annotations
@@ -47,10 +49,5 @@ class ClientFactory:
             )
 
 
-def new_client(
-    service: str, *, region_name: str | None, endpoint_url: str | None, config: Config
-) -> Any:
-    """A client for ``service`` from a session of its own (one adapter, one client)."""
-    return ClientFactory()(
-        service, region_name=region_name, endpoint_url=endpoint_url, config=config
-    )
+#: The process's client factory, shared by every AWS adapter.
+new_client = ClientFactory()
