@@ -23,6 +23,7 @@ class FaultyProvider:
     def __init__(self, inner: AwsProvider) -> None:
         self.inner = inner
         self.error: BrokerError | None = None
+        self.reads = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -30,6 +31,7 @@ class FaultyProvider:
     def get_status(self, deployment: Deployment) -> Any:
         if self.error is not None:
             raise self.error
+        self.reads += 1
         return self.inner.get_status(deployment)
 
 
@@ -41,15 +43,21 @@ def faulty(make_broker: Any) -> tuple[Any, FaultyProvider]:
 
 
 @pytest.mark.parametrize(
-    "error",
+    ("error", "expected"),
     [
-        ProvisioningFailed("AWS rds refused describe_db_instances (AccessDenied)"),
-        CloudUnavailable("AWS rds throttled describe_db_instances (Throttling)"),
+        (
+            ProvisioningFailed("AWS rds refused describe_db_instances (AccessDenied)"),
+            ["ack", "ack", "ack"],
+        ),
+        (
+            CloudUnavailable("AWS rds throttled describe_db_instances (Throttling)"),
+            ["retry", "retry", "ack"],
+        ),
     ],
     ids=["refused", "unavailable"],
 )
 def test_a_sync_that_cannot_read_the_cloud_never_fails_a_ready_deployment(
-    faulty: tuple[Any, FaultyProvider], error: BrokerError
+    faulty: tuple[Any, FaultyProvider], error: BrokerError, expected: list[str]
 ) -> None:
     h, provider = faulty
     deployment_id = h.submit().deployment_id
@@ -67,15 +75,35 @@ def test_a_sync_that_cannot_read_the_cloud_never_fails_a_ready_deployment(
 
     # Retried while it may still succeed, then dropped, never dead: a dead
     # sync id would swallow every later sync of this deployment.
-    assert outcomes[-1].action == "ack"
-    assert all(o.action in ("ack", "retry") for o in outcomes)
+    assert [o.action for o in outcomes] == expected
     current = h.store.get(deployment_id)
     assert current is not None and current.phase is Phase.READY
     assert h.phases() == before  # no callback either
 
-    # And the next change is synced as usual.
+    # And the next change is synced as usual: the cloud is read again.
     provider.error = None
+    reads = provider.reads
     assert work(h.service, sync, attempt=1, max_deliveries=MAX_DELIVERIES).action == "ack"
+    assert provider.reads == reads + 1
+
+
+def test_a_sync_past_its_delivery_limit_is_dropped_not_dead(
+    faulty: tuple[Any, FaultyProvider],
+) -> None:
+    h, provider = faulty
+    deployment_id = h.submit().deployment_id
+    h.drain()
+    before, reads = h.phases(), provider.reads
+    sync = Job(kind=JobKind.SYNC, deployment_id=deployment_id, id=f"sync-{deployment_id}")
+
+    outcome = work(h.service, sync, attempt=MAX_DELIVERIES + 1, max_deliveries=MAX_DELIVERIES)
+
+    # Acknowledged: a dead sync-<id> would swallow every later sync.
+    assert outcome.action == "ack"
+    assert provider.reads == reads  # not run
+    current = h.store.get(deployment_id)
+    assert current is not None and current.phase is Phase.READY
+    assert h.phases() == before
 
 
 def test_a_job_delivered_past_its_limit_fails_the_deployment_without_running(
