@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 STORE_NAME: Final = "aws-secretsmanager"
 
 
+class _SecretExists(Exception):
+    """Secrets Manager already holds a secret of the name: another worker won."""
+
+
 class SecretsManagerStore:
     """:class:`kidp.ports.SecretStore` on AWS Secrets Manager.
 
@@ -162,14 +166,14 @@ class SecretsManagerStore:
         return ensure_once(
             lambda: self._read(name),
             lambda: self._create(name, create, tags),
-            lost_race=Refused,
+            lost_race=_SecretExists,
             what=f"secret {name}",
         )
 
     def _create(
         self, name: str, create: Callable[[], dict[str, str]], tags: Mapping[str, str]
     ) -> tuple[SecretRef, dict[str, str]]:
-        """Raises ``Refused`` when the secret exists already (a lost race)."""
+        """Raises ``_SecretExists`` when the secret exists already (a lost race)."""
         value = dict(create())
         params: dict[str, Any] = {
             "Name": name,
@@ -188,8 +192,8 @@ class SecretsManagerStore:
                 **params,
             )
         except Refused as refused:
-            if refused.code != "InvalidRequestException":
-                raise
+            if refused.code == "ResourceExistsException":
+                raise _SecretExists(name) from None
             if "deletion" in refused.message.lower():
                 # Secrets Manager finishes a forced deletion asynchronously;
                 # until then the name cannot be reused.
