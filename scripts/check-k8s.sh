@@ -13,7 +13,7 @@
 #      version, HA or not, both deletion policies, a service, the operators'
 #      resources: scripts/render-generated.py, the matrix the tests validate)
 #      and scan those with checkov too; their exceptions are annotations the
-#      builders in kidp.providers.onprem_manifests write, each with its reason.
+#      builders in kidp.providers.onprem.manifests write, each with its reason.
 # Exits non-zero on the first failure.
 #
 # Needs .venv (scripts/setup.sh dev) and .venv-tools (scripts/setup-tools.sh:

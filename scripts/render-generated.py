@@ -1,6 +1,6 @@
 """Write every object the on-prem provider generates, for a representative
 matrix, as YAML files a scanner can read (scripts/check-k8s.sh runs checkov on
-them). The matrix is kidp.providers.onprem_manifests.sample_objects: the same
+them). The matrix is kidp.providers.onprem.manifests.sample_objects: the same
 one the tests validate against the Kubernetes schemas.
 
 Usage: .venv/bin/python scripts/render-generated.py DIRECTORY [--all-sizes]
@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from kidp.models import Size
-from kidp.providers import onprem_manifests
+from kidp.providers.onprem import manifests
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = tuple(Size) if args.all_sizes else (Size.SMALL,)
     args.directory.mkdir(parents=True, exist_ok=True)
     total = 0
-    for group, objects in onprem_manifests.sample_objects(sizes).items():
+    for group, objects in manifests.sample_objects(sizes).items():
         path = args.directory / f"{group}.yaml"
         path.write_text(yaml.safe_dump_all(objects, sort_keys=False))
         total += len(objects)

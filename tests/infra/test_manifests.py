@@ -526,7 +526,7 @@ def test_the_sample_advertises_what_the_onprem_provider_runs(render: Any) -> Non
     """Capabilities: the catalogue's engines that the on-prem provider has an
     image for (plain StatefulSet or Deployment), Kafka through Strimzi, plain
     services; no buckets (no object store on-prem). Nothing more, nothing less."""
-    manifests = pytest.importorskip("kidp.providers.onprem_manifests")
+    manifests = pytest.importorskip("kidp.providers.onprem.manifests")
     (broker,) = render("registration")
     advertised = {
         c["resourceType"].lower(): set(c.get("providers", []))
@@ -631,9 +631,9 @@ READ_RESOURCES = {
 def _created_kinds() -> tuple[set[str], str]:
     """The kinds in the provider's manifest builders (``"kind": ...`` in its dict
     literals), or the fixed list when that module is not there."""
-    path = ROOT / "common" / "kidp" / "providers" / "onprem_manifests.py"
+    path = ROOT / "common" / "kidp" / "providers" / "onprem" / "manifests.py"
     if not path.exists():
-        return FIXED_CREATED_KINDS, "fixed list (kidp.providers.onprem_manifests absent)"
+        return FIXED_CREATED_KINDS, "fixed list (kidp.providers.onprem.manifests absent)"
     kinds = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Dict):
@@ -681,7 +681,7 @@ def test_the_reader_can_watch_what_the_watcher_watches(render: Any) -> None:
 
 
 def test_custom_resources_the_provider_uses_are_granted(render: Any) -> None:
-    manifests = pytest.importorskip("kidp.providers.onprem_manifests")
+    manifests = pytest.importorskip("kidp.providers.onprem.manifests")
     objects = render("overlays/production")
     reader = _rules(objects, "kidp-broker-reader")
     provisioner = _rules(objects, "kidp-broker-provisioner")
@@ -768,10 +768,10 @@ def test_client_call_parsing() -> None:
 def test_the_provisioner_grants_every_typed_client_call_of_the_provider(render: Any) -> None:
     """Every typed kubernetes client call in the provider's modules is allowed by
     the provisioner role (worker and scanner run them)."""
-    sources = sorted((ROOT / "common" / "kidp" / "providers").glob("onprem*.py"))
+    sources = sorted((ROOT / "common" / "kidp" / "providers" / "onprem").rglob("*.py"))
     sources += sorted((ROOT / "common" / "kidp" / "secrets").glob("kubernetes*.py"))
-    if not any(p.name == "onprem.py" for p in sources):
-        pytest.skip("kidp/providers/onprem.py is not there yet; the kinds are checked above")
+    if not any(p.name == "provider.py" for p in sources):
+        pytest.skip("kidp/providers/onprem/ is not there yet; the kinds are checked above")
     rules = _rules(render("overlays/production"), "kidp-broker-provisioner")
     missing = [
         f"{path.name}: {verb} {group or 'core'}/{resource}"

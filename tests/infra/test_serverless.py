@@ -317,7 +317,7 @@ def test_the_broker_does_not_tag_its_own_stack_as_a_managed_resource(packaged: P
 # ------------------------------------------------------------------------ IAM
 # The calls, read from the code.
 
-PROVIDER = ROOT / "common" / "kidp" / "providers" / "aws.py"
+PROVIDER = ROOT / "common" / "kidp" / "providers" / "aws"  # a package: one module per kind
 SECRETS = ROOT / "common" / "kidp" / "secrets" / "aws.py"
 QUEUE = ROOT / "common" / "kidp" / "queues" / "sqs.py"
 STORE = ROOT / "common" / "kidp" / "stores" / "dynamodb.py"
@@ -346,8 +346,11 @@ def _strings(node: ast.AST) -> set[str]:
 def provider_calls() -> set[Call]:
     """Every call in the provider: ``call(service, type, operation)`` spelled out,
     and the operations named inside each resource kind of that kind's service."""
-    tree = ast.parse(PROVIDER.read_text())
-    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    trees = [ast.parse(path.read_text()) for path in sorted(PROVIDER.glob("*.py"))]
+    # A kind may subclass a base from another module of the package.
+    classes = {
+        node.name: node for tree in trees for node in tree.body if isinstance(node, ast.ClassDef)
+    }
 
     def service_of(cls: ast.ClassDef) -> str | None:
         for stmt in cls.body:
@@ -365,7 +368,7 @@ def provider_calls() -> set[Call]:
         return None
 
     calls: set[Call] = set()
-    for node in ast.walk(tree):
+    for node in (node for tree in trees for node in ast.walk(tree)):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
             spelled = [
                 a.value

@@ -19,7 +19,7 @@ from urllib3.connection import HTTPConnection
 
 from kidp.kube_emulator import KubeEmulator, start_kubernetes_emulator
 from kidp.models import DeletionPolicy, Deployment, ResourceType
-from kidp.providers import onprem_manifests as m
+from kidp.providers.onprem import manifests as m
 
 NS = "team-platform"
 

@@ -17,7 +17,7 @@ from tests.providers.onprem_support import deployment
 
 from kidp import catalog, tags
 from kidp.models import DeletionPolicy, ResourceType, Size
-from kidp.providers import onprem_manifests as m
+from kidp.providers.onprem import manifests as m
 
 #: The Kubernetes release every manifest is checked against, and the releases
 #: one manifest per engine is also checked against (oldest in common use,

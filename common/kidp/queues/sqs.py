@@ -63,8 +63,8 @@ from pydantic import ValidationError
 from kidp.errors import InvalidRequest, PermanentError, StoreUnavailable
 from kidp.models import Job
 from kidp.ports import Delivery
-from kidp.providers.aws_clients import new_client
-from kidp.providers.aws_errors import error_code, is_temporary
+from kidp.providers.aws.clients import new_client
+from kidp.providers.aws.errors import error_code, is_temporary
 
 __all__ = [
     "MAX_DELAY_SECONDS",

@@ -27,8 +27,8 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from kidp import tags as tagging
 from kidp.errors import NotFound, ProvisioningFailed, StoreUnavailable
 from kidp.models import SecretRef
-from kidp.providers.aws_clients import new_client
-from kidp.providers.aws_errors import Refused, error_code, is_temporary, redact
+from kidp.providers.aws.clients import new_client
+from kidp.providers.aws.errors import Refused, error_code, is_temporary, redact
 from kidp.secrets.base import check_reachable, ensure_once
 
 logger = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ from kidp.providers.onprem import (
     labels_of,
     load_api_client,
 )
-from kidp.providers.onprem_manifests import SECRET_DATA_PASSWORD, SECRET_DATA_PREVIOUS
+from kidp.providers.onprem.manifests import SECRET_DATA_PASSWORD, SECRET_DATA_PREVIOUS
 from kidp.secrets.base import check_reachable, ensure_once
 
 logger = logging.getLogger(__name__)

@@ -99,8 +99,8 @@ from kidp.models import (
     ResourceType,
     phase_totals,
 )
-from kidp.providers.aws_clients import new_client
-from kidp.providers.aws_errors import THROTTLING_CODES, error_code, is_temporary
+from kidp.providers.aws.clients import new_client
+from kidp.providers.aws.errors import THROTTLING_CODES, error_code, is_temporary
 from kidp.stores.records import as_utc, stale, started
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """The on-prem provider: databases, caches, topics and services on a Kubernetes
 cluster, through the official ``kubernetes`` client.
 
-How a request maps to objects is in :mod:`kidp.providers.onprem_manifests`
+How a request maps to objects is in :mod:`kidp.providers.onprem.manifests`
 (pure builders); this module talks to the API server.
 
 Where things go
@@ -83,7 +83,7 @@ from kidp.models import (
     ResourceType,
 )
 from kidp.ports import Credentials, PasswordPolicy, QuotaReport
-from kidp.providers import onprem_manifests as m
+from kidp.providers.onprem import manifests as m
 from kidp.providers.ownership import deployment_tags
 
 logger = logging.getLogger(__name__)

@@ -60,13 +60,13 @@ from kidp.models import (
     Size,
 )
 from kidp.ports import Credentials, PasswordPolicy, QuotaReport
-from kidp.providers.aws_clients import new_client
-from kidp.providers.aws_errors import SERVER_CODES as _SERVER_CODES
-from kidp.providers.aws_errors import THROTTLING_CODES
-from kidp.providers.aws_errors import Refused as _Refused
-from kidp.providers.aws_errors import error_code as _error_code
-from kidp.providers.aws_errors import http_status as _http_status
-from kidp.providers.aws_errors import redact as _redact
+from kidp.providers.aws.clients import new_client
+from kidp.providers.aws.errors import SERVER_CODES as _SERVER_CODES
+from kidp.providers.aws.errors import THROTTLING_CODES
+from kidp.providers.aws.errors import Refused as _Refused
+from kidp.providers.aws.errors import error_code as _error_code
+from kidp.providers.aws.errors import http_status as _http_status
+from kidp.providers.aws.errors import redact as _redact
 from kidp.providers.ownership import deployment_tags
 
 if TYPE_CHECKING:

@@ -578,7 +578,7 @@ def _skip_digest(image: str, *, team_image: bool) -> str:
             "the team pins a digest by asking for image@sha256:<digest>."
         )
     return (
-        f"CKV_K8S_43=Pinned by exact tag ({image}, kidp.providers.onprem_manifests.IMAGES), "
+        f"CKV_K8S_43=Pinned by exact tag ({image}, kidp.providers.onprem.manifests.IMAGES), "
         "chosen offline without registry access; the tag is also how drift reads the "
         "running version back."
     )
