@@ -630,12 +630,13 @@ READ_RESOURCES = {
 
 def _created_kinds() -> tuple[set[str], str]:
     """The kinds in the provider's manifest builders (``"kind": ...`` in its dict
-    literals), or the fixed list when that module is not there."""
-    path = ROOT / "common" / "kidp" / "providers" / "onprem" / "manifests.py"
-    if not path.exists():
+    literals, one module per path), or the fixed list when that package is not there."""
+    path = ROOT / "common" / "kidp" / "providers" / "onprem" / "manifests"
+    if not path.is_dir():
         return FIXED_CREATED_KINDS, "fixed list (kidp.providers.onprem.manifests absent)"
     kinds = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    trees = [ast.parse(module.read_text()) for module in sorted(path.glob("*.py"))]
+    for node in (node for tree in trees for node in ast.walk(tree)):
         if isinstance(node, ast.Dict):
             for key, value in zip(node.keys, node.values, strict=True):
                 if (

@@ -33,7 +33,7 @@ from kidp.errors import (
     ValidationFailed,
 )
 from kidp.models import SecretRef
-from kidp.providers.onprem import (
+from kidp.providers.onprem.api import (
     SECRET,
     AlreadyExists,
     KubeApi,

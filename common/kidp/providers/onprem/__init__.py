@@ -1,11 +1,13 @@
 """The on-prem provider: a Kubernetes cluster, through the official client.
 
-:mod:`~kidp.providers.onprem.provider` holds :class:`KubernetesProvider`;
+:mod:`~kidp.providers.onprem.provider` holds :class:`KubernetesProvider`,
+:mod:`~kidp.providers.onprem.api` the API wrapper it shares with the Kubernetes
+secret store, :mod:`~kidp.providers.onprem.watcher` the change watcher, and
 :mod:`~kidp.providers.onprem.manifests` the pure builders of the objects it
-sends.
+sends, one module per path (StatefulSet, Deployment, each operator's resource).
 """
 
-from kidp.providers.onprem.provider import (
+from kidp.providers.onprem.api import (
     BUILTIN_KINDS,
     CONFIG_MAP,
     DEPLOYMENT,
@@ -16,28 +18,25 @@ from kidp.providers.onprem.provider import (
     LIMIT_RANGE,
     POD,
     POD_METRICS,
-    PROVIDER_NAME,
     PVC,
     QUOTA,
     REDIS_FAILOVER,
     SECRET,
     SERVICE,
     STATEFUL_SET,
-    WATCHED_KINDS,
     ZALANDO,
     AlreadyExists,
     Kind,
     KubeApi,
-    KubernetesChangeWatcher,
-    KubernetesProvider,
     Refused,
-    WatchedKind,
     decode_secret,
     labels_of,
     load_api_client,
     redact,
     selector_string,
 )
+from kidp.providers.onprem.provider import PROVIDER_NAME, KubernetesProvider
+from kidp.providers.onprem.watcher import WATCHED_KINDS, KubernetesChangeWatcher, WatchedKind
 
 __all__ = [
     "BUILTIN_KINDS",
