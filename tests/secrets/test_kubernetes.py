@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from tests.providers.onprem_support import kube_client
+from tests.providers.onprem.support import kube_client
 
 from kidp.errors import NotFound, ProvisioningFailed, StoreUnavailable, ValidationFailed
 from kidp.kube_emulator import KubeEmulator

@@ -2,7 +2,7 @@
 store): the Kubernetes API stand-in with a client loaded as kubectl loads one,
 and a deployment record for the on-prem provider.
 
-The fixtures reach tests through ``conftest.py`` in ``tests/providers`` and
+The fixtures reach tests through ``conftest.py`` in ``tests/providers/onprem`` and
 ``tests/secrets``.
 """
 

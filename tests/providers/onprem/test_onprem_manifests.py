@@ -13,7 +13,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from tests.providers.onprem_support import deployment
+from tests.providers.onprem.support import deployment
 
 from kidp import catalog, tags
 from kidp.models import DeletionPolicy, ResourceType, Size
@@ -27,7 +27,7 @@ KUBE_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
 
 
 #: Builds a target as the provider does (default tag prefix) from a deployment
-#: made by ``onprem_support.deployment``.
+#: made by ``support.deployment``.
 target = m.sample_target
 plain_objects = m.plain_objects
 

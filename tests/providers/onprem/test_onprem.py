@@ -11,7 +11,7 @@ from typing import Any
 
 import kubernetes
 import pytest
-from tests.providers.onprem_support import NS, deployment, kube_client
+from tests.providers.onprem.support import NS, deployment, kube_client
 
 from kidp import tags
 from kidp.drift import compare

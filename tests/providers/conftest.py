@@ -1,6 +1,0 @@
-"""Fixtures of the provider tests: the Kubernetes API stand-in and its client
-(defined in ``onprem_support.py``, which the secret store's tests share)."""
-
-from tests.providers.onprem_support import api, emulator, kubeconfig
-
-__all__ = ["api", "emulator", "kubeconfig"]
