@@ -278,6 +278,23 @@ class JobQueue(Protocol):
     def check(self) -> None: ...
 
 
+@runtime_checkable
+class DeadJobQueue(Protocol):
+    """A job queue that keeps the jobs it gave up on (the SQL table's dead rows,
+    the SQS dead-letter queue, the NATS dead stream, an Azure poison queue, a
+    Pub/Sub dead-letter subscription), so an operator can list them and send
+    them back (:mod:`kidp.deadletters`)."""
+
+    def dead_jobs(self) -> list[tuple[Job, str]]:
+        """Dead jobs with the reason each was given up, oldest first."""
+        ...
+
+    def replay_dead(self, job_id: str) -> Job | None:
+        """Enqueue the dead job ``job_id`` afresh (deliveries counted from 1) and
+        forget its dead copy; None when no job with that id is dead."""
+        ...
+
+
 class RateLimiter(Protocol):
     def hit(self, key: str, *, limit: int, window_seconds: float) -> float | None:
         """Count one request for ``key``; None if allowed, else seconds to wait."""

@@ -26,6 +26,8 @@ class ContractQueue(JobQueue, Protocol):
 
     def dead_jobs(self) -> list[tuple[Job, str]]: ...
 
+    def replay_dead(self, job_id: str) -> Job | None: ...
+
 
 class Harness(Protocol):
     """A queue under test and its notion of time."""
@@ -145,6 +147,20 @@ class QueueContract:
         assert queue.dead_jobs() == [(job(1), "bad payload")]
         assert queue.pending_count() == 0
         assert harness.take() == []
+
+    def test_a_replayed_dead_job_runs_again_from_its_first_delivery(
+        self, harness: Harness
+    ) -> None:
+        queue = harness.queue
+        queue.enqueue(job(1))
+        [delivery] = harness.take()
+        queue.dead_letter(delivery, reason="receiver was down")
+        assert queue.replay_dead(job(2).id) is None  # never dead: nothing to replay
+        assert queue.replay_dead(job(1).id) == job(1)
+        assert queue.dead_jobs() == []
+        [again] = harness.take()
+        assert (again.job, again.attempt) == (job(1), 1)
+        assert queue.replay_dead(job(1).id) is None  # running, not dead
 
     def test_max_deliveries_moves_the_job_to_dead(self, harness: Harness) -> None:
         queue = harness.queue

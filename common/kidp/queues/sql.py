@@ -250,6 +250,27 @@ class SqlJobQueue:
             return [(Job.from_json(body), reason or "") for body, reason in conn.execute(stmt)]
 
     @translate_errors
+    def replay_dead(self, job_id: str) -> Job | None:
+        """Make the dead job ``job_id`` due now with its deliveries counted from 1;
+        None when no job with that id is dead."""
+        with self._writer.begin() as conn:
+            body = conn.execute(
+                sa.update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.status == DEAD)
+                .values(
+                    status=READY,
+                    available_at=self._clock(),
+                    attempts=0,
+                    reason=None,
+                    finished_at=None,
+                    lease_until=None,
+                    requeue_at=None,
+                )
+                .returning(jobs.c.body)
+            ).scalar_one_or_none()
+        return None if body is None else Job.from_json(body)
+
+    @translate_errors
     def pending_count(self) -> int:
         """Jobs not yet finished: ready (due or delayed) or leased."""
         stmt = sa.select(sa.func.count()).where(jobs.c.status.in_([READY, LEASED]))

@@ -370,6 +370,14 @@ class SqsJobQueue:
         """Dead jobs with the reason each was given up (as ``SqlJobQueue`` offers)."""
         return [(m.job, m.reason) for m in self.dead_messages() if m.job is not None]
 
+    def replay_dead(self, job_id: str) -> Job | None:
+        """Move the dead-lettered copies of job ``job_id`` back to this queue
+        (:meth:`redrive`); None when the dead-letter queue holds none."""
+        copies = [m for m in self.dead_messages() if m.job is not None and m.job.id == job_id]
+        if not copies or not self.redrive([m.message_id for m in copies]):
+            return None
+        return copies[0].job
+
     def redrive(self, message_ids: Iterable[str] | None = None, *, limit: int = 100) -> list[str]:
         """Move dead-lettered messages back to this queue (all of them, or those
         in ``message_ids``) as fresh messages, so each gets ``max_deliveries``
