@@ -452,11 +452,12 @@ def test_poison_job_lands_in_the_dlq_fails_the_deployment_and_can_be_redriven(
     assert attributes["kidp-attempts"] == str(MAX_DELIVERIES - 1)
 
     (listed,) = lam.handlers.dlq({"action": "list"}, Context())["jobs"]
-    assert listed["job"]["deployment_id"] == deployment_id
+    assert listed["deploymentId"] == deployment_id
+    assert listed["kind"] == "provision"
     assert listed["reason"] == "RuntimeError"
 
-    redriven = lam.handlers.dlq({"action": "redrive", "ids": [listed["messageId"]]}, Context())
-    assert redriven["jobs"] == {"redriven": [listed["messageId"]]}
+    redriven = lam.handlers.dlq({"action": "redrive", "ids": [listed["jobId"]]}, Context())
+    assert redriven["jobs"] == {"redriven": [listed["jobId"]]}
     assert lam.dead_letter_queue() == []
     lam.drain()  # the job comes back and finds its deployment already Failed
     assert lam.phase(deployment_id) == "Failed"

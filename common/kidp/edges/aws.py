@@ -34,7 +34,7 @@
     consumed) and dead-lettered callbacks (the store).
     ``{"action": "redrive"}`` moves every dead-lettered job back to the work
     queue and sends every unresolved dead-lettered callback again;
-    ``"ids": [...]`` restricts either to those ids (SQS message ids, ``dl_...``
+    ``"ids": [...]`` restricts either to those ids (job ids, ``dl_...``
     callback letter ids) and ``"limit"`` bounds the callbacks sent in one
     invocation (default 10, since each may wait out the callback timeout).
 
@@ -68,7 +68,6 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping
 from functools import partial, wraps
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
-from urllib.parse import urlsplit, urlunsplit
 
 from aws_lambda_powertools.logging import Logger
 
@@ -80,7 +79,6 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from kidp.bootstrap import Broker
-    from kidp.models import DeadLetter
     from kidp.queues.sqs import SqsJobQueue
     from kidp.settings import Settings
 
@@ -106,8 +104,6 @@ __all__ = [
 SERVICE: Final = os.environ.get("POWERTOOLS_SERVICE_NAME", "kidp-broker")
 #: The CloudWatch namespace of the broker's metrics.
 NAMESPACE: Final = os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "KIDP/Broker")
-#: Dead-lettered callbacks sent again per ``dlq`` redrive invocation, by default.
-REDRIVE_CALLBACKS_PER_CALL: Final = 10
 
 log = logging.getLogger("kidp.edges.aws")
 
@@ -585,77 +581,35 @@ def scan(event: dict[str, Any], context: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------ dlq
 
 
-def _letter(letter: DeadLetter) -> dict[str, Any]:
-    """A dead-lettered callback as the operator sees it; the URL without its
-    query, which may hold the receiver's token."""
-    parts = urlsplit(letter.url)
-    return {
-        "id": letter.id,
-        "deploymentId": letter.deployment_id,
-        "eventId": letter.event_id,
-        "phase": letter.payload.get("phase"),
-        "url": urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")),
-        "reason": letter.reason,
-        "attempts": letter.attempts,
-        "createdAt": letter.created_at.isoformat(),
-        "givenUpAt": letter.given_up_at.isoformat() if letter.given_up_at else None,
-        "resolvedAt": letter.resolved_at.isoformat() if letter.resolved_at else None,
-    }
-
-
 @_entry_point
 def dlq(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    """``{"action": "list" | "redrive", "ids"?: [...]}`` -> dead letters."""
-    from kidp.queues.sqs import SqsJobQueue
+    """``{"action": "list" | "redrive", "ids"?: [...]}`` -> dead letters
+    (:mod:`kidp.deadletters`)."""
+    from kidp import deadletters
 
     action = event.get("action", "list")
     ids = event.get("ids")
-    wanted = None if ids is None else {str(i) for i in ids}
     b = broker()
-    queue = b.service.queue if isinstance(b.service.queue, SqsJobQueue) else None
     token = correlation_id.set(str(getattr(context, "aws_request_id", "") or "dlq"))
     try:
         if action == "list":
             include_resolved = bool(event.get("includeResolved", False))
-            return {
-                "jobs": [m.wire() for m in queue.dead_messages()] if queue else [],
-                "callbacks": [
-                    _letter(x) for x in b.service.dead_letters(include_resolved=include_resolved)
-                ],
-            }
+            return deadletters.list_dead(b.service, include_resolved=include_resolved)
         if action == "redrive":
-            limit = int(event.get("limit", REDRIVE_CALLBACKS_PER_CALL))
-            jobs = (
-                queue.redrive(
-                    None if wanted is None else [i for i in wanted if not i.startswith("dl_")]
-                )
-                if queue
-                else []
+            result = deadletters.redrive(
+                b.service,
+                ids=None if ids is None else [str(i) for i in ids],
+                limit=int(event.get("limit", deadletters.REDRIVE_CALLBACKS_PER_CALL)),
             )
-            letters = [
-                x
-                for x in b.service.dead_letters()
-                if x.resolved_at is None and (wanted is None or x.id in wanted)
-            ]
-            resolved, failed = [], []
-            for letter in letters[:limit]:
-                after = b.service.replay_dead_letter(letter.id)
-                if after.resolved_at is not None:
-                    resolved.append(after.id)
-                else:
-                    failed.append({"id": after.id, "reason": after.reason})
             log.info(
                 "dead letters redriven",
-                extra={"jobs": len(jobs), "callbacks": len(resolved), "failed": len(failed)},
-            )
-            return {
-                "jobs": {"redriven": jobs},
-                "callbacks": {
-                    "resolved": resolved,
-                    "failed": failed,
-                    "remaining": max(0, len(letters) - limit),
+                extra={
+                    "jobs": len(result["jobs"]["redriven"]),
+                    "callbacks": len(result["callbacks"]["resolved"]),
+                    "failed": len(result["callbacks"]["failed"]),
                 },
-            }
+            )
+            return result
         raise ValidationFailed(f"unknown action '{action}': use list or redrive")
     finally:
         correlation_id.reset(token)
