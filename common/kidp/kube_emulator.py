@@ -134,8 +134,11 @@ from datetime import UTC, datetime
 from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 from urllib.parse import parse_qs, unquote, urlsplit
+
+if TYPE_CHECKING:
+    from kidp.emulator import EmulatedCloud
 
 __all__ = [
     "DEFAULT_UNSCHEDULABLE_MESSAGE",
@@ -5406,3 +5409,14 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def start_onprem(state_dir: Path) -> EmulatedCloud:
+    """:data:`kidp.emulator.EMULATORS` starter for on-prem: this stand-in, its
+    objects kept in ``state_dir`` between runs, found through ``KUBECONFIG``
+    as kubectl would find it."""
+    from kidp.emulator import EmulatedCloud
+
+    kube = start_kubernetes_emulator(state_file=state_dir / "cluster.json")
+    kubeconfig = kube.write_kubeconfig(state_dir / "kubeconfig")
+    return EmulatedCloud(provider="onprem", environ={"KUBECONFIG": str(kubeconfig)}, stop=kube.stop)
