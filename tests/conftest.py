@@ -132,6 +132,34 @@ def redis_url() -> str:
     return f"redis://{host}:{port}/0"
 
 
+@pytest.fixture(scope="session")
+def pubsub_emulator_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The Google Cloud CLI's Pub/Sub emulator, started once for the session;
+    tests keep apart by using a project id of their own (:func:`gcp_project`)."""
+    from kidp.pubsub_emulator import find_launcher, start_pubsub_emulator
+
+    if find_launcher() is None:
+        missing("the Pub/Sub emulator (Cloud CLI component pubsub-emulator) is not installed")
+    emulator = start_pubsub_emulator(log_file=tmp_path_factory.mktemp("pubsub") / "emulator.log")
+    try:
+        yield emulator.host
+    finally:
+        emulator.stop()
+
+
+@pytest.fixture
+def pubsub(pubsub_emulator_host: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point ``google-cloud-pubsub`` at the emulator for one test; its host."""
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub_emulator_host)
+    return pubsub_emulator_host
+
+
+@pytest.fixture
+def gcp_project() -> str:
+    """A project id of this test's own (the emulators keep projects apart)."""
+    return f"kidp-test-{uuid.uuid4().hex[:10]}"
+
+
 @pytest.fixture
 def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fake credentials so no test can reach a real AWS account."""

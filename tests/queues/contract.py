@@ -148,9 +148,7 @@ class QueueContract:
         assert queue.pending_count() == 0
         assert harness.take() == []
 
-    def test_a_replayed_dead_job_runs_again_from_its_first_delivery(
-        self, harness: Harness
-    ) -> None:
+    def test_a_replayed_dead_job_runs_again_from_its_first_delivery(self, harness: Harness) -> None:
         queue = harness.queue
         queue.enqueue(job(1))
         [delivery] = harness.take()
