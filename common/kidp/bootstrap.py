@@ -88,6 +88,7 @@ def build_provider(settings: Settings, metrics: Metrics) -> CloudProvider:
             db_subnet_group=settings.aws_db_subnet_group,
             cache_subnet_group=settings.aws_cache_subnet_group,
             ecs_execution_role_arn=settings.aws_ecs_execution_role_arn,
+            quota_ttl=settings.quota_cache_seconds,
             on_call=on_call,
         )
     if name == "onprem":

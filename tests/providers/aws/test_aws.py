@@ -597,6 +597,18 @@ def test_quota_falls_back_to_counting_usage_when_attributes_are_unavailable(
         provider.validate_quota(postgres(provider, storage_gb=65536))
 
 
+def test_quota_checks_read_usage_from_memory_while_it_is_fresh(
+    provider: AwsProvider, api_calls: list[tuple[str, str]]
+) -> None:
+    provider.validate_quota(postgres(provider))
+    first = len(api_calls)
+    assert first > 0  # the first check asks RDS
+    for _ in range(5):
+        report = provider.validate_quota(postgres(provider))
+    assert len(api_calls) == first  # the next ones do not wait for it
+    assert report.details["maxAgeSeconds"] == 60.0
+
+
 def test_quota_for_types_without_a_preflight_check_says_so(provider: AwsProvider) -> None:
     report = provider.validate_quota(make_deployment(provider, ResourceType.BUCKET))
     assert report.checked is False

@@ -40,6 +40,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.parsers import ResponseParserError
 
 from kidp import tags as tagging
+from kidp.caching import Refreshing
 from kidp.catalog import ENGINES
 from kidp.errors import BrokerError, CloudUnavailable, ProvisioningFailed, QuotaExceeded
 from kidp.models import (
@@ -94,7 +95,8 @@ class AwsProvider:
     create them in; services run in the ECS cluster ``ecs_cluster`` on
     ``subnet_ids``. ``db_subnet_group``, ``cache_subnet_group``,
     ``security_group_ids`` and ``ecs_execution_role_arn`` place resources in
-    a VPC other than the account's default.
+    a VPC other than the account's default. RDS quota usage is read at most
+    every ``quota_ttl`` seconds, in the background once it is first known.
     """
 
     name = PROVIDER_NAME
@@ -116,6 +118,7 @@ class AwsProvider:
         db_subnet_group: str | None = None,
         cache_subnet_group: str | None = None,
         ecs_execution_role_arn: str | None = None,
+        quota_ttl: float = 60.0,
     ) -> None:
         self.region = region
         self.endpoint_url = endpoint_url
@@ -157,6 +160,17 @@ class AwsProvider:
                 _MskTopic(self),
             )
         }
+        rds = self._kinds["rds"]
+        assert isinstance(rds, _RdsInstance)
+        # Usage a minute old is fine for a pre-flight check: RDS itself refuses
+        # the create that would go over, and that fails the deployment clearly.
+        self.quota_ttl = quota_ttl
+        self.rds_quotas: Refreshing[tuple[dict[str, tuple[int, int]], str]] = Refreshing(
+            rds.fetch_account_quotas,
+            ttl=quota_ttl,
+            max_age=max(quota_ttl, 15 * quota_ttl),
+            name="RDS account quotas",
+        )
 
     def __repr__(self) -> str:
         return f"AwsProvider(region={self.region!r}, endpoint_url={self.endpoint_url!r})"

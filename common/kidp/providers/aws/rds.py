@@ -128,7 +128,13 @@ class _RdsBase(_Kind):
         return instances[0] if instances else None
 
     def account_quotas(self) -> tuple[dict[str, tuple[int, int]], str]:
-        """RDS quotas as name -> (used, max), and where they came from."""
+        """RDS quotas as name -> (used, max), and where they came from: read from
+        the provider's cache (kept for ``quota_ttl`` seconds and refreshed in the
+        background), because the accept path must not wait for three RDS calls."""
+        return self.p.rds_quotas.get()
+
+    def fetch_account_quotas(self) -> tuple[dict[str, tuple[int, int]], str]:
+        """RDS quotas as name -> (used, max), and where they came from, asked of RDS now."""
         response = self.p.optional_call("rds", "database", "describe_account_attributes")
         if response is not None:
             return {
@@ -174,7 +180,11 @@ class _RdsBase(_Kind):
                     f"allowed, and this deployment needs {extra}{unit} more",
                     details={"quota": name, "used": used, "max": limit, "requested": extra},
                 )
-        details: dict[str, Any] = {"source": source, "quotas": report}
+        details: dict[str, Any] = {
+            "source": source,
+            "quotas": report,
+            "maxAgeSeconds": self.p.quota_ttl,
+        }
         if source == "defaults":
             details["note"] = (
                 "DescribeAccountAttributes is not available on this endpoint; usage was "
