@@ -18,7 +18,7 @@ import httpx
 from common import bearer, broker_process
 
 from kidp.callbacks import generate_secret
-from kidp.demo import CallbackReceiver
+from kidp.receiver import CallbackReceiver
 
 #: A mix, because an AWS account holds 40 RDS instances by default (the quota
 #: check refuses the 41st, as it should).

@@ -28,8 +28,8 @@ import psycopg
 from common import SECRET, bearer, load, summary
 
 from kidp.callbacks import generate_secret
-from kidp.demo import CallbackReceiver
 from kidp.localcluster import LocalCluster
+from kidp.receiver import CallbackReceiver
 
 ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -382,7 +382,7 @@ class BrokerHarness:
 @pytest.fixture
 def receiver() -> Iterator[Any]:
     from kidp.callbacks import generate_secret
-    from kidp.demo import CallbackReceiver
+    from kidp.receiver import CallbackReceiver
 
     rec = CallbackReceiver(generate_secret())
     yield rec

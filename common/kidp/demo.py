@@ -9,24 +9,19 @@ exits 0. Exits 1 if any step does not happen in time.
 
 from __future__ import annotations
 
-import hmac
 import json
-import queue
 import secrets
 import tempfile
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 from kidp.auth import mint_token
 from kidp.bootstrap import build
-from kidp.callbacks import generate_secret, sign
+from kidp.callbacks import generate_secret
 from kidp.emulator import free_port, start_aws_emulator
 from kidp.observability import configure_logging
+from kidp.receiver import CallbackReceiver
 from kidp.runtime import EmbeddedBroker
 from kidp.settings import Settings
 
@@ -45,70 +40,6 @@ SAMPLE = {
         "encryption": {"atRest": True, "inTransit": True},
     },
 }
-
-
-class CallbackReceiver:
-    """A local receiver that checks the signature of every callback it gets."""
-
-    def __init__(self, secret: str) -> None:
-        self.secret = secret
-        self.received: queue.Queue[dict[str, Any]] = queue.Queue()
-        #: Every verified delivery as (webhook-id, payload), duplicates included.
-        self.log: list[tuple[str, dict[str, Any]]] = []
-        #: When set, answer with this status instead of accepting (a broken receiver).
-        self.fail_with: int | None = None
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", "0")))
-                msg_id = self.headers.get("webhook-id", "")
-                stamp = self.headers.get("webhook-timestamp", "0")
-                expected = sign(receiver.secret, msg_id, int(stamp), body)
-                offered = self.headers.get("webhook-signature", "").split(" ")
-                valid = any(hmac.compare_digest(expected, s) for s in offered)
-                failing = receiver.fail_with
-                self.send_response(failing or (204 if valid else 401))
-                self.end_headers()
-                if valid and failing is None:
-                    payload = json.loads(body)
-                    receiver.log.append((msg_id, payload))
-                    receiver.received.put(payload)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/callback"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def wait_for(self, phase: str, timeout: float) -> dict[str, Any] | None:
-        """Print callbacks as they arrive until one in ``phase``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                payload = self.received.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            _show_callback(payload)
-            if payload["phase"] == phase:
-                return payload
-        return None
-
-    def close(self) -> None:
-        self.server.shutdown()
-
-
-def _show_callback(payload: dict[str, Any]) -> None:
-    meta = payload.get("additionalMetadata", {})
-    line = f"  callback  {payload['phase']:<12} {payload['message']}"
-    if payload.get("endpoint"):
-        line += f"\n            endpoint={payload['endpoint']}:{payload.get('port')}"
-    if payload.get("connectionSecret"):
-        line += f" secret={payload['connectionSecret']}"
-    if "secretRef" in meta:
-        line += f"\n            secretRef={meta['secretRef']['id']}"
-    print(line, flush=True)
 
 
 def run_demo(*, timeout: float = 120.0) -> int:
@@ -160,7 +91,7 @@ def _script(settings: Settings, base: str, receiver: CallbackReceiver, timeout: 
         print(f"kidp-broker demo: broker on {base} (AWS emulated), callbacks to {receiver.url}")
         print("POST /v1/provision  database/orders-db  postgresql 15, medium")
         accepted = http.post("/v1/provision", json=request)
-        print(f"  {accepted.status_code} {accepted.json()}")
+        print(f"  {accepted.status_code} {json.dumps(accepted.json())}")
         if accepted.status_code != 202:
             return 1
         deployment_id = accepted.json()["deploymentId"]
@@ -191,11 +122,11 @@ def _script(settings: Settings, base: str, receiver: CallbackReceiver, timeout: 
                 "namespace": "team-platform",
             },
         )
-        print(f"  {gone.status_code} {gone.json()}")
+        print(f"  {gone.status_code} {json.dumps(gone.json())}")
         if receiver.wait_for("Deleted", timeout) is None:
             print("demo: no Deleted callback in time")
             return 1
         final = http.get("/v1/status", params={"id": deployment_id}).json()
-        print(f"GET /v1/status  {final}")
+        print(f"GET /v1/status  {json.dumps(final)}")
     print("demo: done")
     return 0
