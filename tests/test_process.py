@@ -5,6 +5,7 @@ outlives the broker it serves."""
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import subprocess
@@ -160,3 +161,109 @@ def test_kill_9_mid_provision_finishes_every_deployment_exactly_once(
         for instance in client.describe_db_instances()["DBInstances"]
     ]
     assert sorted(tagged) == sorted(ids)
+
+
+def test_serve_emulate_runs_its_parts_apart_and_scans_reach_its_cloud_and_store(
+    tmp_path: Path,
+) -> None:
+    """``serve --emulate``: the API here, workers and the emulated cloud in child
+    processes; ``scan --emulate`` reaches both; a second one is refused; kill -9
+    takes the children down with it, and the record then says it stopped."""
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("KIDP_")},
+        "KIDP_STATE_DIR": str(tmp_path / "state"),
+        "KIDP_JWT_SECRET": SECRET,
+        "KIDP_LOG_LEVEL": "WARNING",
+        "KIDP_POLL_INTERVAL_SECONDS": "1",
+    }
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [EXE, "serve", "--emulate", "--port", str(port)], env=env, stdout=log, stderr=log
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/readiness", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+        children = [int(p) for p in _children(proc.pid)]
+        assert len(children) == 2  # the emulated cloud, and the workers with the timers
+
+        token = mint_token(
+            secret=SECRET,
+            subject="t",
+            scopes=["deploy", "read"],
+            namespaces=["team-a"],
+            ttl_seconds=600,
+            issuer="kidp",
+            audience="kidp-broker",
+        )
+        headers = {"Authorization": f"Bearer {token}"}
+        accepted = httpx.post(
+            f"{base}/v1/provision",
+            headers=headers,
+            json={
+                "resourceType": "bucket",
+                "resourceName": "assets",
+                "namespace": "team-a",
+                "team": "a",
+                "owner": "a@example.com",
+                "spec": {"versioning": True},
+            },
+        )
+        assert accepted.status_code == 202, accepted.text
+        deployment_id = accepted.json()["deploymentId"]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status = httpx.get(f"{base}/v1/status", params={"id": deployment_id}, headers=headers)
+            if status.json()["phase"] == "Ready":
+                break
+            time.sleep(0.3)
+        assert status.json()["phase"] == "Ready"
+
+        scan = subprocess.run(
+            [EXE, "scan", "drift", "--emulate"], env=env, capture_output=True, text=True
+        )
+        assert scan.returncode == 0, scan.stderr
+        assert json.loads(scan.stdout) == {"checked": 1, "changed": 0}
+
+        second = subprocess.run(
+            [EXE, "serve", "--emulate", "--port", str(free_port())],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 2
+        assert "already running" in second.stderr
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        log.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in children)
+    scan = subprocess.run([EXE, "scan", "drift", "--emulate"], env=env, capture_output=True)
+    assert scan.returncode == 2
+    assert b"has stopped" in scan.stderr
+
+
+def _children(pid: int) -> list[str]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return path.read_text().split() if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited; only its parent's wait is missing.
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.exists() or stat.read_text().split()[2] != "Z"

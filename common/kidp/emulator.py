@@ -10,10 +10,11 @@ AWS wire protocols, so the AWS provider runs unchanged through botocore.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,16 @@ class EmulatedCloud:
 
     provider: str
     settings: dict[str, Any] = field(default_factory=dict)
-    environ: dict[str, str] = field(default_factory=dict)
+    #: Variables to set; None means "unset it" (a profile that would win).
+    environ: dict[str, str | None] = field(default_factory=dict)
     stop: Callable[[], None] = lambda: None
+
+    def announcement(self) -> str:
+        """What ``kidp-broker emulate`` prints once the stand-in is up: one JSON line."""
+        return json.dumps(
+            {"provider": self.provider, "settings": self.settings, "environ": self.environ},
+            default=str,
+        )
 
 
 #: The starter of each provider's stand-in, ``"module:function"``, imported on use
@@ -105,5 +114,94 @@ def start_aws(state_dir: Path) -> EmulatedCloud:
     return EmulatedCloud(
         provider="aws",
         settings={"aws_endpoint_url": aws.endpoint_url},
+        # Throwaway credentials, so nothing can reach a real account by accident.
+        environ={
+            "AWS_ACCESS_KEY_ID": "emulated",
+            "AWS_SECRET_ACCESS_KEY": "emulated",
+            "AWS_SESSION_TOKEN": None,
+            "AWS_PROFILE": None,
+        },
         stop=aws.stop,
     )
+
+
+def apply_environ(environ: Mapping[str, str | None]) -> None:
+    """Set (or, for None, unset) ``environ`` in this process's environment."""
+    for name, value in environ.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def emulated_dir(state_dir: Path, provider: str) -> Path:
+    """Where an emulated broker of ``provider`` keeps its store and its record."""
+    return state_dir / "emulated" / provider
+
+
+@dataclass(frozen=True)
+class EmulationRecord:
+    """What a running ``serve --emulate`` tells other commands (``scan``, ``dlq``)
+    so they reach the same emulated cloud and store."""
+
+    pid: int
+    provider: str
+    url: str
+    settings: dict[str, Any]
+    environ: dict[str, str | None]
+
+    def write(self, state_dir: Path) -> Path:
+        """Write the record (mode 0600: the environment may hold credentials)."""
+        path = emulated_dir(state_dir, self.provider) / "broker.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(
+                {
+                    "pid": self.pid,
+                    "provider": self.provider,
+                    "url": self.url,
+                    "settings": self.settings,
+                    "environ": self.environ,
+                },
+                handle,
+                default=str,
+            )
+        return path
+
+    @classmethod
+    def read(cls, state_dir: Path, provider: str) -> EmulationRecord:
+        """The record of the running emulated broker of ``provider``; raises
+        ``ValidationFailed`` saying what to start when there is none."""
+        path = emulated_dir(state_dir, provider) / "broker.json"
+        hint = f"start one with: kidp-broker serve --emulate --provider {provider}"
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValidationFailed(
+                f"no emulated {provider} broker has run from {state_dir} ({path} is missing); "
+                + hint
+            ) from None
+        record = cls(
+            pid=int(raw["pid"]),
+            provider=str(raw["provider"]),
+            url=str(raw["url"]),
+            settings=dict(raw["settings"]),
+            environ=dict(raw["environ"]),
+        )
+        if not _alive(record.pid):
+            raise ValidationFailed(
+                f"the emulated {provider} broker (pid {record.pid}, {record.url}) has stopped, "
+                "and its emulated cloud with it; " + hint
+            )
+        return record
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -5412,11 +5412,11 @@ if __name__ == "__main__":
 
 
 def start_onprem(state_dir: Path) -> EmulatedCloud:
-    """:data:`kidp.emulator.EMULATORS` starter for on-prem: this stand-in, its
-    objects kept in ``state_dir`` between runs, found through ``KUBECONFIG``
-    as kubectl would find it."""
+    """:data:`kidp.emulator.EMULATORS` starter for on-prem: this stand-in (its
+    objects in memory, like every emulated cloud's), found through
+    ``KUBECONFIG`` as kubectl would find it."""
     from kidp.emulator import EmulatedCloud
 
-    kube = start_kubernetes_emulator(state_file=state_dir / "cluster.json")
+    kube = start_kubernetes_emulator()
     kubeconfig = kube.write_kubeconfig(state_dir / "kubeconfig")
     return EmulatedCloud(provider="onprem", environ={"KUBECONFIG": str(kubeconfig)}, stop=kube.stop)

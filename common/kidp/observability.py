@@ -26,6 +26,8 @@ _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
     "asctime",
     "taskName",
+    # uvicorn repeats its message with ANSI colour codes for terminals.
+    "color_message",
 }
 
 

@@ -23,7 +23,24 @@ from kidp.work import work
 
 log = logging.getLogger("kidp.runtime")
 
-ROLES = ("all", "api", "worker", "watcher", "scanner")
+#: The parts a broker process can run; ``all`` is every one of them.
+PARTS = ("api", "worker", "watcher", "scanner")
+ROLES = ("all", *PARTS)
+
+
+def role_parts(role: str) -> frozenset[str]:
+    """The parts named by ``role``: ``all``, one part, or a comma-separated list
+    (``worker,watcher,scanner`` is what ``serve`` runs beside its API process)."""
+    names = [name.strip() for name in role.split(",") if name.strip()]
+    if names == ["all"]:
+        return frozenset(PARTS)
+    unknown = sorted(set(names) - set(PARTS))
+    if unknown or not names:
+        raise ValidationFailed(
+            f"unknown role '{role}': use all, or one or more of {', '.join(PARTS)} "
+            "separated by commas"
+        )
+    return frozenset(names)
 
 
 class Worker:
@@ -279,27 +296,33 @@ class EmbeddedBroker:
     scheduler: Scheduler | None = None
     watcher: ChangeWatcher | None = None
 
+    @property
+    def parts(self) -> frozenset[str]:
+        """What this process runs (see :func:`role_parts`)."""
+        return role_parts(self.role)
+
     def start(self) -> None:
         """Start the parts this role runs; returns once the API listens."""
-        if self.role in ("all", "watcher"):
+        parts = self.parts
+        if "watcher" in parts:
             provider = self.broker.service.provider
             if isinstance(provider, WatchableProvider):
                 self.watcher = provider.change_watcher(self.broker.service.changed)
                 self.watcher.start()
-            elif self.role == "watcher":
+            elif parts == {"watcher"}:
                 raise ValidationFailed(
                     f"provider '{provider.name}' has no watch API; its changes are found "
                     "by polls and the drift scan"
                 )
-        if self.role in ("all", "worker"):
+        if "worker" in parts:
             for n in range(self.broker.settings.worker_threads):
                 worker = Worker(self.broker)
                 self.workers.append(worker)
                 self._spawn(f"worker-{n}", worker.run)
-        if self.role in ("all", "scanner"):
+        if "scanner" in parts:
             self.scheduler = Scheduler(self.broker)
             self._spawn("scheduler", self.scheduler.run)
-        if self.role in ("all", "api"):
+        if "api" in parts:
             settings = self.broker.settings
             if settings.tls_cert_file is not None:
                 self.server = TlsServer(
@@ -342,8 +365,10 @@ class EmbeddedBroker:
             thread.join(max(0.0, deadline - time.monotonic()))
         self.broker.close()
 
-    def wait(self) -> None:
-        """Block until a signal (SIGINT/SIGTERM) asks the process to stop."""
+    def wait(self, *, tick: Callable[[], None] | None = None) -> None:
+        """Block until a signal (SIGINT/SIGTERM) asks the process to stop, or the
+        API server ends; ``tick`` runs every half second meanwhile (the
+        supervisor restarting a child process that died)."""
         import signal
 
         stopping = threading.Event()
@@ -354,9 +379,10 @@ class EmbeddedBroker:
 
         signal.signal(signal.SIGINT, _ask_stop)
         signal.signal(signal.SIGTERM, _ask_stop)
+        serves_api = "api" in self.parts
         while not stopping.wait(0.5):
-            if self.role in ("all", "api") and not any(
-                t.name == "api" and t.is_alive() for t in self.threads
-            ):
+            if serves_api and not any(t.name == "api" and t.is_alive() for t in self.threads):
                 break
+            if tick is not None:
+                tick()
         self.stop()
