@@ -31,21 +31,21 @@ def free_port() -> int:
 
 
 @contextmanager
-def broker_process(role: str = "all", **env: str) -> Iterator[str]:
-    """``kidp-broker serve --emulate --role ROLE`` in a child process; yields its URL."""
+def broker_process(role: str = "all", *args: str, **env: str) -> Iterator[str]:
+    """``kidp-broker serve --emulate --role ROLE [ARGS]`` in a child process (its
+    emulated cloud and workers in processes of their own); yields its URL."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="kidp-bench-") as state:
         environ = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if not k.startswith("KIDP_")},
             "KIDP_STATE_DIR": state,
-            "KIDP_STORE_URL": f"sqlite:///{state}/broker.db",
             "KIDP_JWT_SECRET": SECRET,
             "KIDP_LOG_LEVEL": "WARNING",
             **env,
         }
         exe = Path(sys.executable).with_name("kidp-broker")
         proc = subprocess.Popen(
-            [str(exe), "serve", "--emulate", "--port", str(port), "--role", role],
+            [str(exe), "serve", "--emulate", "--port", str(port), "--role", role, *args],
             env=environ,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -157,3 +157,51 @@ async def load(
     if failures:
         print(f"  ({failures} responses were errors)")
     return latencies, wall
+
+
+async def burst(
+    base: str,
+    path: str,
+    callers: int,
+    make_body: Callable[[int], dict[str, object]],
+    headers: dict[str, str],
+) -> tuple[list[float], float, list[int]]:
+    """``callers`` connections, each sending one POST at the same moment (the
+    connections are opened first, so only the requests are timed)."""
+    host, port = base.removeprefix("http://").split(":")
+    connections = [await asyncio.open_connection(host, int(port)) for _ in range(callers)]
+    latencies: list[float] = []
+    statuses: list[int] = []
+    gate = asyncio.Event()
+
+    async def caller(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        body = json.dumps(make_body(n)).encode()
+        head = [
+            f"POST {path} HTTP/1.1",
+            f"Host: {host}:{port}",
+            f"Content-Length: {len(body)}",
+            "Content-Type: application/json",
+            *(f"{k}: {v}" for k, v in headers.items()),
+        ]
+        request = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        await gate.wait()
+        started = time.perf_counter()
+        writer.write(request)
+        await writer.drain()
+        status_line = await reader.readline()
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        await reader.readexactly(length)
+        latencies.append(time.perf_counter() - started)
+        statuses.append(int(status_line.split()[1]))
+        writer.close()
+
+    tasks = [asyncio.ensure_future(caller(n, r, w)) for n, (r, w) in enumerate(connections)]
+    await asyncio.sleep(0.05)
+    started = time.perf_counter()
+    gate.set()
+    await asyncio.gather(*tasks)
+    return latencies, time.perf_counter() - started, statuses

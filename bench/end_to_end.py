@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--deployments", type=int, default=100)
     parser.add_argument("--namespaces", type=int, default=10)
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--worker-processes", type=int, default=None)
+    parser.add_argument("--worker-threads", type=int, default=None)
     args = parser.parse_args()
     secret = generate_secret()
     receiver = CallbackReceiver(secret)
@@ -43,8 +45,13 @@ def main() -> None:
         "KIDP_POLL_INTERVAL_SECONDS": "1",
         "KIDP_RATE_LIMIT_PER_MINUTE": "100000",
     }
+    if args.worker_threads:
+        env["KIDP_WORKER_THREADS"] = str(args.worker_threads)
+    serve_args = []
+    if args.worker_processes is not None:
+        serve_args = ["--worker-processes", str(args.worker_processes)]
     with (
-        broker_process(**env) as base,
+        broker_process("all", *serve_args, **env) as base,
         httpx.Client(base_url=base, headers=bearer(["*"]), timeout=60) as client,
     ):
         started = time.perf_counter()

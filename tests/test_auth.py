@@ -145,6 +145,22 @@ def test_expiry_honours_leeway(hs_verifier: TokenVerifier, clock: FakeClock) -> 
     assert rejection(hs_verifier, token) == "token expired"
 
 
+def test_a_token_seen_before_skips_the_signature_check_but_not_its_expiry(
+    hs_verifier: TokenVerifier, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = jwt.encode(claims(exp=int(T0) + 60), SECRET, algorithm="HS256")
+    decodes: list[str] = []
+    real = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda *a, **k: decodes.append("x") or real(*a, **k))
+    for _ in range(3):
+        assert hs_verifier.verify(token).subject == "ci-job"
+    assert len(decodes) == 1
+    forged = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    assert rejection(hs_verifier, forged) == "invalid token signature"  # another string
+    clock.now = T0 + 60 + 31
+    assert rejection(hs_verifier, token) == "token expired"
+
+
 def test_token_from_the_future_is_refused(hs_verifier: TokenVerifier) -> None:
     early = jwt.encode(claims(nbf=int(T0) + 120), SECRET, algorithm="HS256")
     assert rejection(hs_verifier, early) == "token not yet valid"

@@ -157,13 +157,14 @@ def test_stop_lets_the_job_in_flight_finish(make_broker: Any) -> None:
     stopper.join(30)
     assert not stopper.is_alive()
     # The provision finished and was acknowledged: the cloud call's result is
-    # recorded, and the job is not waiting to run again.
+    # recorded (moto's instance is available at once, so it is Ready), and the
+    # job is not waiting to run again: only the two callbacks it owes are.
     deployment = h.broker.service.store.get(deployment_id)
     assert deployment is not None
-    assert deployment.phase is Phase.PROVISIONING
+    assert deployment.phase is Phase.READY
     assert deployment.cloud_resource_id
     waiting = h.broker.service.queue.receive(max_jobs=10, lease_seconds=60)
-    assert sorted(d.job.kind.value for d in waiting) == ["callback", "poll"]
+    assert sorted(d.job.kind.value for d in waiting) == ["callback", "callback"]
 
 
 def test_a_sync_job_reports_a_resource_deleted_by_hand_at_once(

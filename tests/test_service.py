@@ -348,8 +348,38 @@ def test_reconcile_recreates_a_lost_provision_job(make_broker: Any) -> None:
     assert len(instances()) == 1
 
 
+class NeverReady:
+    """The real AWS provider, but the resource stays "creating" for ever."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def deploy(self, deployment: Any, tags: Any, credentials: Any) -> Any:
+        made = self.inner.deploy(deployment, tags, credentials)
+        return made.model_copy(update={"state": "creating"})
+
+    def get_status(self, deployment: Any) -> Any:
+        return self.inner.get_status(deployment).model_copy(update={"state": "creating"})
+
+
+def test_a_resource_available_at_once_is_ready_without_a_poll(make_broker: Any) -> None:
+    h = make_broker()
+    deployment_id = h.submit().deployment_id
+    calls: list[str] = []
+    real = h.service.provider.get_status
+    h.service.provider.get_status = lambda d: calls.append(d.id) or real(d)  # type: ignore[method-assign]
+    h.drain()
+    assert h.store.get(deployment_id).phase is Phase.READY
+    assert h.phases() == ["Provisioning", "Ready"]
+    assert calls == []  # what deploy reported was enough
+
+
 def test_provision_timeout_fails_the_deployment(make_broker: Any) -> None:
     h = make_broker(provision_timeout_seconds=0)
+    h.service.provider = NeverReady(h.service.provider)
     deployment_id = h.submit().deployment_id
     h.drain()
     deployment = h.store.get(deployment_id)
@@ -397,6 +427,7 @@ def test_a_superseded_job_cannot_fail_a_deployment_it_no_longer_drives(
     make_broker: Any,
 ) -> None:
     h = make_broker()
+    h.service.provider = NeverReady(h.service.provider)
     deployment_id = h.submit().deployment_id
     h.worker.run_once()  # provision: the deployment now waits for its poll job
     poll = Job(

@@ -8,7 +8,8 @@ Lambda/Azure/GCP adapters in ``kidp.edges``). Errors are rendered in one place,
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
@@ -279,7 +280,19 @@ def create_app(
     (for its OpenAPI document) is its ``.app``."""
     scanner = scanner or Scanner(service)
     settings = service.settings
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Routes that touch the store run in worker threads; dozens of them
+        # contending for one interpreter cost more in switching than they win
+        # in overlap, and the store's group commit batches a handful as well.
+        import anyio.to_thread
+
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        yield
+
     app = FastAPI(
+        lifespan=lifespan,
         title="KIDP Deployment Broker",
         version=settings.version,
         description="Provisions databases, caches, topics, buckets and services on "

@@ -24,6 +24,7 @@ import re
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -85,6 +86,8 @@ _DEFAULT_JWKS_ALGORITHMS = ("RS256", "ES256")
 # Real access tokens are a few KiB; refusing larger input bounds the work an
 # unauthenticated request can cause before any signature is checked.
 _MAX_TOKEN_CHARS = 16 * 1024
+#: Verified tokens remembered (least recently used ones are forgotten first).
+_VERIFIED_TOKENS = 1024
 _MAX_JWKS_BYTES = 1024 * 1024
 _JWKS_TIMEOUT_SECONDS = 5.0
 # Plain http would let anyone on the path substitute the signing keys; only a
@@ -103,6 +106,15 @@ class _KeySet:
     by_kid: Mapping[str, jwt.PyJWK]
     keys: tuple[jwt.PyJWK, ...]
     fetched_at: float
+
+
+@dataclass(frozen=True)
+class _Verified:
+    """A token whose signature and claims were checked against ``keyset``."""
+
+    keyset: object | None
+    claims: Mapping[str, Any]
+    caller: Caller
 
 
 class TokenVerifier:
@@ -174,6 +186,10 @@ class TokenVerifier:
         self._keyset: _KeySet | None = None
         self._last_fetch_attempt: float | None = None
         self._fetch_lock = threading.Lock()
+        # Tokens already verified (a caller sends the same one with every
+        # request): the signature check is skipped, the time claims are not.
+        self._verified: OrderedDict[str, _Verified] = OrderedDict()
+        self._verified_lock = threading.Lock()
 
     @property
     def algorithms(self) -> tuple[str, ...]:
@@ -186,6 +202,10 @@ class TokenVerifier:
             raise Unauthorized("missing bearer token")
         if len(token) > _MAX_TOKEN_CHARS:
             raise Unauthorized("token too large")
+        known = self._known(token)
+        if known is not None:
+            self._check_times(known.claims)
+            return known.caller
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -224,7 +244,30 @@ class TokenVerifier:
         except jwt.PyJWTError as exc:
             raise Unauthorized(_reason(exc)) from None
         self._check_times(claims)
-        return _caller_from(claims)
+        caller = _caller_from(claims)
+        self._remember(token, _Verified(self._keyset, claims, caller))
+        return caller
+
+    def _known(self, token: str) -> _Verified | None:
+        """A token verified before, with the keys still current (a JWKS refresh
+        makes every token prove itself again against the keys now served)."""
+        keyset = self._keyset
+        if self._hs_key is None and (
+            keyset is None or not _within(self._clock() - keyset.fetched_at, self._max_age)
+        ):
+            return None  # the keys are due for a fetch: verify against what is served
+        with self._verified_lock:
+            known = self._verified.get(token)
+            if known is None or known.keyset is not keyset:
+                return None
+            self._verified.move_to_end(token)
+            return known
+
+    def _remember(self, token: str, verified: _Verified) -> None:
+        with self._verified_lock:
+            self._verified[token] = verified
+            while len(self._verified) > _VERIFIED_TOKENS:
+                self._verified.popitem(last=False)
 
     def _check_times(self, claims: Mapping[str, Any]) -> None:
         now = self._clock()

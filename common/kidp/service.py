@@ -211,13 +211,23 @@ class BrokerService:
             updated_at=now,
             job_token=job.id,
         )
-        existing = self._existing(deployment)
-        if existing is not None:
-            return self._same_or_conflict(deployment, existing, dry_run=dry_run)
-        quota = self.provider.validate_quota(deployment)
         if dry_run:
-            return self._plan(deployment, quota.details)
+            existing = self._existing(deployment)
+            if existing is not None:
+                return self._same_or_conflict(deployment, existing, dry_run=True)
+            return self._plan(deployment, self.provider.validate_quota(deployment).details)
         try:
+            self.provider.validate_quota(deployment)
+        except BrokerError:
+            # A request that already exists is answered as such, whatever the
+            # cloud says now (a client retrying after a timeout must get its id).
+            existing = self._existing(deployment)
+            if existing is not None:
+                return self._same_or_conflict(deployment, existing, dry_run=False)
+            raise
+        try:
+            # No lookup first: the store's unique rules find an existing
+            # deployment (same resource, or same X-Request-ID) in the insert itself.
             deployment = self.store.create(deployment)
         except DuplicateDeployment as duplicate:
             return self._same_or_conflict(deployment, duplicate.existing, dry_run=False)
@@ -764,8 +774,13 @@ class BrokerService:
             notify=True,
         )
         if saved is not None:
-            delay = 0.0 if resource.state == "available" else self.settings.poll_interval_seconds
-            self._enqueue(poll, delay=delay)
+            # Already up (a bucket, an emulated cloud): Ready now, from what the
+            # cloud just said, with no poll to ask it again. Should that save
+            # lose a race, or the worker die before it, the poll (or reconcile)
+            # finishes the job.
+            if resource.state == "available" and self._ready(saved, resource) is not None:
+                return
+            self._enqueue(poll, delay=self.settings.poll_interval_seconds)
             return
         current = self.store.get(deployment.id)
         if current is not None and current.phase in (Phase.DELETING, Phase.DELETED):
@@ -829,7 +844,8 @@ class BrokerService:
         if self._transition(deployment, changes, notify=due) is not None:
             self._enqueue(poll, delay=self.settings.poll_interval_seconds)
 
-    def _ready(self, deployment: Deployment, resource: CloudResource) -> None:
+    def _ready(self, deployment: Deployment, resource: CloudResource) -> Deployment | None:
+        """Record ``deployment`` as Ready on ``resource``; None if it changed first."""
         now = self.clock.now()
         saved = self._transition(
             deployment,
@@ -854,6 +870,7 @@ class BrokerService:
             )
             self.metrics.provision_requests.labels(deployment.resource_type.value, "success").inc()
             log.info("deployment ready", extra={"deploymentId": deployment.id})
+        return saved
 
     def _fail(self, deployment_id: str, error: BrokerError, *, token: str | None) -> None:
         """Fail the deployment with a callback, unless ``token`` (the failing

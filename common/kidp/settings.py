@@ -82,6 +82,7 @@ class Settings(BaseModel):
     job_lease_seconds: float = 60.0
     job_max_deliveries: int = 10
     worker_threads: int = 4
+    api_threads: int = Field(default=8, ge=1)
 
     drift_interval_seconds: float = 300.0
     orphan_interval_seconds: float = 3600.0

@@ -253,15 +253,17 @@ class GroupCommit:
             ) from batch.error
 
     def _open(self) -> tuple[Connection, _Batch]:
-        if self._conn is None or self._batch is None:
-            conn = self._engine.connect()
+        if self._batch is None:
+            conn = self._conn or self._engine.connect()
             try:
                 self._transaction = conn.begin()
             except BaseException:
+                self._conn = None
                 conn.close()
                 raise
             self._conn = conn
             self._batch = _Batch(time.monotonic())
+        assert self._conn is not None
         return self._conn, self._batch
 
     def _undo(self, savepoint: sa.NestedTransaction, batch: _Batch) -> None:
@@ -288,7 +290,7 @@ class GroupCommit:
 
     def _finish(self, batch: _Batch, error: BaseException | None, *, commit: bool) -> None:
         conn, transaction = self._conn, self._transaction
-        self._conn = self._transaction = self._batch = None
+        self._transaction = self._batch = None
         try:
             if transaction is not None and transaction.is_active:
                 if commit and error is None:
@@ -299,7 +301,12 @@ class GroupCommit:
             error = error or failure
             log.warning("group commit failed: %s", failure)
         finally:
-            if conn is not None:
+            with self._counter:
+                busy = self._waiting > 0
+            # Under load the next batch starts at once on the same connection
+            # (no trip through the pool); an idle or failed one goes back.
+            if conn is not None and (error is not None or not busy):
+                self._conn = None
                 conn.close()
             batch.error = error
             batch.done.set()
@@ -360,19 +367,29 @@ def upsert(
 
     With ``where``, the existing row is only replaced when it matches.
     """
-    insert: Any
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    stmt = insert(table).values(dict(values))
-    if update:
-        changes = {name: stmt.excluded[name] for name in values if name not in keys}
-        stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=changes, where=where)
-    else:
-        stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
-    result: CursorResult[Any] = conn.execute(stmt)
+    shape = (conn.dialect.name, table.name, tuple(values), tuple(keys), update)
+    stmt = None if where is not None else _UPSERTS.get(shape)
+    if stmt is None:
+        insert: Any
+        if conn.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        stmt = insert(table)
+        if update:
+            changes = {name: stmt.excluded[name] for name in values if name not in keys}
+            stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=changes, where=where)
+        else:
+            stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
+        if where is None:
+            # Built once per shape and run with the values as parameters:
+            # building the statement costs more than running it on SQLite.
+            _UPSERTS[shape] = stmt
+    result: CursorResult[Any] = conn.execute(stmt, dict(values))
     return result
+
+
+_UPSERTS: dict[tuple[Any, ...], Any] = {}
 
 
 def create_tables(engine: Engine, metadata: sa.MetaData) -> None:
@@ -486,6 +503,10 @@ cost_snapshots = sa.Table(
 )
 
 
+#: Run with a deployment's values as parameters (see :func:`upsert` for why).
+_INSERT_DEPLOYMENT = deployments.insert()
+
+
 def _deployment_values(deployment: Deployment) -> dict[str, Any]:
     return {
         "id": deployment.id,
@@ -572,7 +593,7 @@ class SqlDeploymentStore:
         for attempt in range(1, self._MAX_CREATE_ATTEMPTS + 1):
             try:
                 with self._writer.begin() as conn:
-                    conn.execute(sa.insert(deployments).values(values))
+                    conn.execute(_INSERT_DEPLOYMENT, values)
                 return deployment
             except exc.IntegrityError:
                 holder = self._holder(deployment)
