@@ -226,11 +226,15 @@ class GcpEmulator:
         class Handler(_Handler):
             state = emulator
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
+        server = ThreadingHTTPServer((host, port), Handler)
+        server.daemon_threads = True
+        self.server = server
         self.url = f"http://{host}:{self.server.server_address[1]}/"
         self._thread = threading.Thread(
-            target=self.server.serve_forever, name="gcp-emulator", daemon=True
+            # A short poll interval makes stop() quick (tests start one each).
+            target=lambda: server.serve_forever(poll_interval=0.05),
+            name="gcp-emulator",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -833,7 +837,7 @@ class GcpEmulator:
                 terminalCondition={
                     "type": "Ready",
                     "state": "CONDITION_FAILED",
-                    "reason": "ContainerMissing",
+                    "reason": "CONTAINER_MISSING",
                     "message": "Revision failed to become ready",
                     "lastTransitionTime": _now(),
                 },
