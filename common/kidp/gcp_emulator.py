@@ -567,7 +567,7 @@ class GcpEmulator:
             self.sql_users.pop((project, name), None)
             self.sql_backup_runs.pop((project, name), None)
             self.sql_deleted_names.add((project, name))
-            if query.get("enableFinalBackup") == "true":
+            if query.get("enableFinalBackup", "").lower() == "true":
                 self.sql_backups.setdefault(project, []).append(
                     {
                         "kind": "sql#backup",
@@ -978,7 +978,7 @@ class GcpEmulator:
 
     def objects_list(self, bucket: str, query: dict[str, str]) -> JSON:
         self._bucket(bucket)
-        versions = query.get("versions") == "true"
+        versions = query.get("versions", "").lower() == "true"
         limit = int(query.get("maxResults") or 1000)
         items: list[JSON] = []
         for name, generations in sorted(self.objects.get(bucket, {}).items()):
