@@ -157,6 +157,7 @@ class Fault:
     method: str | None = None
     path: str | None = None
     message: str = "injected fault"
+    reason: str | None = None
 
     def matches(self, method: str, path: str) -> bool:
         if self.method is not None and self.method != method:
@@ -256,10 +257,12 @@ class GcpEmulator:
         method: str | None = None,
         path: str | None = None,
         message: str = "injected fault",
+        reason: str | None = None,
     ) -> None:
-        """Answer the next ``count`` matching requests with ``status`` (0: no answer)."""
+        """Answer the next ``count`` matching requests with ``status`` (0: no
+        answer); ``reason`` is the legacy ``errors[].reason`` (``quotaExceeded``)."""
         with self.lock:
-            self.faults.append(Fault(status, count, method, path, message))
+            self.faults.append(Fault(status, count, method, path, message, reason))
 
     def fail_next_operation(
         self,
@@ -1262,7 +1265,8 @@ class _Handler(BaseHTTPRequestHandler):
                 with contextlib.suppress(OSError):
                     self.connection.shutdown(2)
                 return
-            self._answer(fault.status, ApiError(fault.status, fault.message).body())
+            error = ApiError(fault.status, fault.message, reason=fault.reason)
+            self._answer(fault.status, error.body())
             return
         try:
             body = json.loads(raw) if raw else {}
