@@ -1335,7 +1335,12 @@ def start_gcp(state_dir: Path) -> EmulatedCloud:
 
     return EmulatedCloud(
         provider="gcp",
-        settings={"gcp_api_endpoint": admin.url, "gcp_project": "kidp-emulated"},
+        settings={
+            "gcp_api_endpoint": admin.url,
+            "gcp_project": "kidp-emulated",
+            # Without the Pub/Sub emulator the broker offers no topics.
+            "gcp_topics": "PUBSUB_EMULATOR_HOST" in environ,
+        },
         environ=environ,
         stop=stop,
     )
