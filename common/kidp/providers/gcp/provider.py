@@ -331,13 +331,13 @@ class GcpProvider:
                 raise _Refused(status, gerrors.reason(cause)) from None
             if not _is_google_error(cause):
                 raise
-            error = self._map_error(exc, cause, api, operation, bool(secrets))
+            error = self._map_error(cause, api, operation, bool(secrets))
             if secrets:
                 raise error from None
             raise error from exc
 
     def _map_error(
-        self, exc: Exception, cause: BaseException, api: str, operation: str, secret: bool
+        self, cause: BaseException, api: str, operation: str, secret: bool
     ) -> BrokerError:
         from google.auth import exceptions as auth_exceptions
 
