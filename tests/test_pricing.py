@@ -23,3 +23,12 @@ def test_services_scale_with_replicas_and_buckets_with_storage() -> None:
     three = estimate("aws", ResourceType.SERVICE, {"size": "small", "replicas": 3})
     assert three.breakdown["compute"] == round(3 * one.breakdown["compute"], 2)
     assert estimate("aws", ResourceType.BUCKET, {}).estimated_monthly > 0
+
+
+def test_gcp_has_its_own_list_prices() -> None:
+    spec = {"size": "medium", "storageGb": 100}
+    gcp = estimate("gcp", ResourceType.DATABASE, spec)
+    aws = estimate("aws", ResourceType.DATABASE, spec)
+    assert gcp.breakdown["storage"] == 17.0  # Cloud SQL SSD at $0.17 per GB-month
+    assert gcp.estimated_monthly != aws.estimated_monthly
+    assert estimate("gcp", ResourceType.TOPIC, {}).estimated_monthly > 0

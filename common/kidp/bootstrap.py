@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from kidp.api import Gatekeeper
     from kidp.auth import TokenVerifier
 
-PROVIDERS = ("aws", "onprem")
+PROVIDERS = ("aws", "onprem", "gcp")
 
 log = logging.getLogger("kidp.bootstrap")
 
@@ -103,6 +103,22 @@ def build_provider(settings: Settings, metrics: Metrics) -> CloudProvider:
             storage_class=settings.kube_storage_class,
             namespace_prefix=settings.kube_namespace_prefix,
             kafka_cluster=settings.kube_kafka_cluster,
+            on_call=on_call,
+        )
+    if name == "gcp":
+        from kidp.providers.gcp import GcpProvider
+
+        # Credentials are Application Default Credentials, found on first use.
+        return GcpProvider(
+            project=settings.gcp_project,
+            region=settings.region,
+            api_endpoint=settings.gcp_api_endpoint,
+            tag_prefix=settings.tag_prefix,
+            managed_by=settings.managed_by,
+            network=settings.gcp_network,
+            kms_key=settings.gcp_kms_key,
+            run_service_account=settings.gcp_run_service_account,
+            topics=settings.gcp_topics,
             on_call=on_call,
         )
     raise ValidationFailed(

@@ -43,7 +43,8 @@ ENGINES: dict[ResourceType, dict[str, list[str]]] = {
         "redis": ["6.2", "7.0", "7.2"],
         "memcached": ["1.6"],
     },
-    ResourceType.TOPIC: {"kafka": ["3.5", "3.6", "3.7"]},
+    # Pub/Sub has no engine versions; "v1" is its API, the one version there is.
+    ResourceType.TOPIC: {"kafka": ["3.5", "3.6", "3.7"], "pubsub": ["v1"]},
     ResourceType.BUCKET: {"": []},
     ResourceType.SERVICE: {"": []},
 }

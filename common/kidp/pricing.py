@@ -35,14 +35,38 @@ _COMPUTE_HOURLY: dict[str, dict[ResourceType, dict[Size, float]]] = {
             Size.XLARGE: 0.395,
         },
     },
+    # Cloud SQL Enterprise (vCPU + memory of the db-custom tier), Memorystore
+    # Basic per GB-hour, Cloud Run with min instances always allocated.
+    "gcp": {
+        ResourceType.DATABASE: {
+            Size.SMALL: 0.068,
+            Size.MEDIUM: 0.111,
+            Size.LARGE: 0.221,
+            Size.XLARGE: 0.442,
+        },
+        ResourceType.CACHE: {
+            Size.SMALL: 0.098,
+            Size.MEDIUM: 0.196,
+            Size.LARGE: 0.216,
+            Size.XLARGE: 0.352,
+        },
+        ResourceType.SERVICE: {
+            Size.SMALL: 0.079,
+            Size.MEDIUM: 0.158,
+            Size.LARGE: 0.317,
+            Size.XLARGE: 0.634,
+        },
+    },
 }
 #: Per GB-month of provisioned storage.
 _STORAGE_GB_MONTH: dict[str, dict[ResourceType, float]] = {
     "aws": {ResourceType.DATABASE: 0.115, ResourceType.BUCKET: 0.023},
+    "gcp": {ResourceType.DATABASE: 0.17, ResourceType.BUCKET: 0.020},
 }
 #: Flat monthly figures for resources billed by use.
 _FLAT_MONTHLY: dict[str, dict[ResourceType, float]] = {
     "aws": {ResourceType.TOPIC: 10.0, ResourceType.BUCKET: 5.0},
+    "gcp": {ResourceType.TOPIC: 10.0, ResourceType.BUCKET: 5.0},
 }
 #: Network egress estimate as a share of compute.
 _NETWORK_SHARE = 0.1

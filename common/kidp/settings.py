@@ -59,6 +59,15 @@ class Settings(BaseModel):
     aws_cache_subnet_group: str | None = None
     aws_ecs_execution_role_arn: str | None = None
     aws_dead_letter_queue_url: str | None = None
+    # GCP provider: the project, one base URL for every admin API (the stand-in
+    # in tests and `serve --emulate`), the VPC for private IPs, a CMEK key, the
+    # Cloud Run service account, and whether Pub/Sub topics are offered.
+    gcp_project: str | None = None
+    gcp_api_endpoint: str | None = None
+    gcp_network: str | None = None
+    gcp_kms_key: str | None = None
+    gcp_run_service_account: str | None = None
+    gcp_topics: bool = True
     kube_context: str | None = None
     kube_storage_class: str | None = None
     kube_namespace_prefix: str = ""

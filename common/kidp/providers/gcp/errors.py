@@ -12,6 +12,10 @@ had. The discovery-based clients (``googleapiclient``) raise ``HttpError``;
 
 from __future__ import annotations
 
+import json
+from functools import cache
+from typing import Any
+
 from google.api_core import exceptions as api_exceptions
 from google.auth import exceptions as auth_exceptions
 
@@ -30,12 +34,88 @@ def http_status(exc: BaseException) -> int:
     return int(status) if status else 0
 
 
+def _error_body(exc: BaseException) -> dict[str, Any]:
+    """The ``error`` object of a discovery client's ``HttpError`` ({} otherwise)."""
+    content = getattr(exc, "content", None)
+    if not isinstance(content, bytes | str) or getattr(exc, "resp", None) is None:
+        return {}
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return {}
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, dict) else {}
+
+
 def reason(exc: BaseException) -> str:
     """Google's reason for ``exc`` (``RESOURCE_EXHAUSTED``, ``alreadyExists``...),
     or its class name."""
     if isinstance(exc, api_exceptions.GoogleAPICallError) and exc.reason:
         return str(exc.reason)
+    error = _error_body(exc)
+    if error.get("status"):
+        return str(error["status"])
+    legacy = error.get("errors")
+    if isinstance(legacy, list) and legacy and isinstance(legacy[0], dict):
+        return str(legacy[0].get("reason") or type(exc).__name__)
     return type(exc).__name__
+
+
+def reasons(exc: BaseException) -> set[str]:
+    """Every reason Google gave for ``exc``: the status, the legacy ``errors[].reason``
+    and the ``ErrorInfo`` reasons of ``details`` (``quotaExceeded``, ``QUOTA_EXCEEDED``...)."""
+    found = {reason(exc)}
+    if isinstance(exc, api_exceptions.GoogleAPICallError):
+        for item in exc.errors or ():
+            if isinstance(item, dict) and item.get("reason"):
+                found.add(str(item["reason"]))
+        for detail in exc.details or ():
+            value = detail.get("reason") if isinstance(detail, dict) else None
+            value = value or getattr(detail, "reason", None)
+            if value:
+                found.add(str(value))
+    error = _error_body(exc)
+    for key in ("errors", "details"):
+        for item in error.get(key) or ():
+            if isinstance(item, dict) and item.get("reason"):
+                found.add(str(item["reason"]))
+    return found
+
+
+def message(exc: BaseException) -> str:
+    """Google's own message for ``exc`` ('' when it gave none). It can quote the
+    request: show it only where no secret was sent."""
+    if isinstance(exc, api_exceptions.GoogleAPICallError):
+        return str(exc.message or "")
+    return str(_error_body(exc).get("message") or "")
+
+
+def is_quota(exc: BaseException) -> bool:
+    """An allocation quota is full (not throttling): Google says so with a 403
+    ``quotaExceeded`` (or an ``ErrorInfo`` reason naming a quota)."""
+    found = {r.lower() for r in reasons(exc)}
+    return http_status(exc) == 403 and any("quota" in r for r in found)
+
+
+@cache
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    # The REST clients raise their HTTP library's own errors when no answer
+    # came: requests' (GAPIC REST, Cloud Storage) subclass OSError but not
+    # ConnectionError, httplib2's (discovery clients) not even OSError.
+    found: list[type[BaseException]] = []
+    try:
+        import requests
+
+        found += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
+    except ImportError:  # pragma: no cover - google-auth[requests] brings it
+        pass
+    try:
+        import httplib2
+
+        found.append(httplib2.HttpLib2Error)
+    except ImportError:  # pragma: no cover - only the discovery clients need it
+        pass
+    return tuple(found)
 
 
 def is_temporary(exc: BaseException) -> bool:
@@ -45,7 +125,7 @@ def is_temporary(exc: BaseException) -> bool:
         return True
     if isinstance(exc, auth_exceptions.RefreshError) and getattr(exc, "retryable", False):
         return True
-    if isinstance(exc, ConnectionError | TimeoutError):
+    if isinstance(exc, (ConnectionError, TimeoutError, *_transport_errors())):
         return True
     return http_status(exc) in RETRYABLE_STATUSES
 
