@@ -158,7 +158,7 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from kidp.emulator import start_emulated
+    from kidp.emulator import emulated_dir, start_emulated
     from kidp.observability import configure_logging
     from kidp.supervisor import supervised
 
@@ -170,7 +170,9 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    cloud = start_emulated(settings.provider_name, settings.state_dir)
+    directory = emulated_dir(settings.state_dir, settings.provider_name)
+    directory.mkdir(parents=True, exist_ok=True)
+    cloud = start_emulated(settings.provider_name, directory)
     try:
         print(cloud.announcement(), flush=True)
         stopping.wait()

@@ -1322,7 +1322,7 @@ def start_gcp(state_dir: Path) -> EmulatedCloud:
     from kidp.pubsub_emulator import find_launcher, start_pubsub_emulator
 
     admin = start_gcp_emulator()
-    environ: dict[str, str] = {}
+    environ: dict[str, str | None] = {}
     stops: list[Callable[[], None]] = [admin.stop]
     if find_launcher() is not None:
         pubsub = start_pubsub_emulator(log_file=state_dir / "pubsub-emulator.log")

@@ -107,6 +107,11 @@ def names(emulator: KubeEmulator, gv: str, plural: str, ns: str | None = NS) -> 
 # ----------------------------------------------------------------------------- deploy
 
 
+def test_topics_are_kafka_topics_only(provider: KubernetesProvider) -> None:
+    # Strimzi makes Kafka topics; the catalogue's other topic engines are other clouds'.
+    assert set(provider.supported()[ResourceType.TOPIC]) == {"kafka"}
+
+
 def test_deploy_reaches_available_with_endpoint_port_and_labelled_objects(
     emulator: KubeEmulator, provider: KubernetesProvider
 ) -> None:

@@ -384,9 +384,8 @@ class AwsProvider:
             ResourceType.SERVICE: {"": []},
         }
         if self.msk_cluster_arn:
-            supported[ResourceType.TOPIC] = {
-                e: list(v) for e, v in ENGINES[ResourceType.TOPIC].items()
-            }
+            # MSK topics are Kafka topics; other clouds' topic engines are theirs.
+            supported[ResourceType.TOPIC] = {"kafka": list(ENGINES[ResourceType.TOPIC]["kafka"])}
         return supported
 
     def identifier(self, deployment: Deployment) -> str:

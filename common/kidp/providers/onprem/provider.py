@@ -509,7 +509,8 @@ class KubernetesProvider:
                 for engine, versions in ENGINES[ResourceType.CACHE].items()
                 if engine in m.IMAGES
             },
-            ResourceType.TOPIC: {e: list(v) for e, v in ENGINES[ResourceType.TOPIC].items()},
+            # Strimzi makes Kafka topics; other clouds' topic engines are theirs.
+            ResourceType.TOPIC: {"kafka": list(ENGINES[ResourceType.TOPIC]["kafka"])},
             ResourceType.SERVICE: {"": []},
         }
 
