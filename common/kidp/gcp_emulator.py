@@ -48,6 +48,7 @@ import copy
 import hashlib
 import itertools
 import json
+import os
 import re
 import threading
 import uuid
@@ -1231,6 +1232,8 @@ def _name(m: re.Match[str], collection: str) -> str:
 
 
 _ROUTES = _routes()
+#: Where the emulated credentials file sends its token refreshes.
+TOKEN_PATH = "/token"  # noqa: S105 - a URL path, not a secret
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -1267,6 +1270,18 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             error = ApiError(fault.status, fault.message, reason=fault.reason)
             self._answer(fault.status, error.body())
+            return
+        if (method, path) == ("POST", TOKEN_PATH):
+            # OAuth 2.0 token endpoint of the emulated ADC file (see start_gcp):
+            # any refresh token buys a short-lived bearer token.
+            self._answer(
+                200,
+                {
+                    "access_token": "emulated-access-token",
+                    "expires_in": 3600,
+                    "token_type": "Bearer",
+                },
+            )
             return
         try:
             body = json.loads(raw) if raw else {}
@@ -1322,7 +1337,35 @@ def start_gcp(state_dir: Path) -> EmulatedCloud:
     from kidp.pubsub_emulator import find_launcher, start_pubsub_emulator
 
     admin = start_gcp_emulator()
-    environ: dict[str, str | None] = {}
+    # Application Default Credentials: a service-account key file of a
+    # throwaway key, its token endpoint on the stand-in. The broker finds
+    # credentials the way it does with GOOGLE_APPLICATION_CREDENTIALS, and no
+    # token it gets is good anywhere else.
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    adc = state_dir / "application_default_credentials.json"
+    fd = os.open(adc, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(
+            {
+                "type": "service_account",
+                "project_id": "kidp-emulated",
+                "private_key_id": "emulated",
+                "private_key": pem,
+                "client_email": "kidp-broker@kidp-emulated.iam.gserviceaccount.com",
+                "client_id": "1",
+                "token_uri": f"{admin.url}{TOKEN_PATH}",
+            },
+            handle,
+        )
+    environ: dict[str, str | None] = {"GOOGLE_APPLICATION_CREDENTIALS": str(adc)}
     stops: list[Callable[[], None]] = [admin.stop]
     if find_launcher() is not None:
         pubsub = start_pubsub_emulator(log_file=state_dir / "pubsub-emulator.log")

@@ -342,7 +342,11 @@ class EmbeddedBroker:
             deadline = time.monotonic() + 30
             while not self.server.started:
                 if time.monotonic() > deadline or not self.threads[-1].is_alive():
-                    raise RuntimeError(f"API server did not start on {self.host}:{self.port}")
+                    self.stop(timeout=5)
+                    raise ValidationFailed(
+                        f"the API could not listen on {self.host}:{self.port} (is the "
+                        "port in use? the log above says why); choose another with --port"
+                    )
                 time.sleep(0.02)
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
