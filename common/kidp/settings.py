@@ -59,6 +59,11 @@ class Settings(BaseModel):
     aws_cache_subnet_group: str | None = None
     aws_ecs_execution_role_arn: str | None = None
     aws_dead_letter_queue_url: str | None = None
+    # Azure data plane: the Table Storage store and the Storage Queue reach their
+    # account through this connection string when set (Azurite, an account key),
+    # else through Entra ID; Key Vault holds the credentials.
+    azure_storage_connection_string: str | None = Field(default=None, repr=False)
+    azure_key_vault_url: str | None = None
     kube_context: str | None = None
     kube_storage_class: str | None = None
     kube_namespace_prefix: str = ""
