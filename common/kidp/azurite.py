@@ -108,6 +108,33 @@ class Azurite:
         parts += [f"{s.capitalize()}Endpoint={url}" for s, url in sorted(self.endpoints.items())]
         return ";".join(parts) + ";"
 
+    def broker_settings(self, *, table: str = "kidp", queue: str = "kidp-jobs") -> dict[str, str]:
+        """:class:`~kidp.settings.Settings` fields that put a broker's store and
+        job queue here (what an emulated Azure broker runs on), after creating
+        the table, the queue and its poison queue through the broker's own
+        adapters."""
+        from kidp.queues.azurequeue import AzureStorageJobQueue
+        from kidp.stores.azuretable import TableDeploymentStore
+
+        values = {
+            "store_url": f"azuretable://{self.account_name}/{table}",
+            "queue_url": f"azurequeue://{self.account_name}/{queue}",
+            "azure_storage_connection_string": self.connection_string,
+        }
+        store = TableDeploymentStore.from_url(
+            values["store_url"], connection_string=self.connection_string
+        )
+        jobs = AzureStorageJobQueue.from_url(
+            values["queue_url"], connection_string=self.connection_string
+        )
+        try:
+            store.create_table()
+            jobs.create_queues()
+        finally:
+            store.close()
+            jobs.close()
+        return values
+
     def stop(self) -> None:
         """Stop Azurite and every process it started (it runs in a group of its own)."""
         if self.process.poll() is None:

@@ -293,3 +293,22 @@ def test_queue_urls() -> None:
     ):
         with pytest.raises(ValidationFailed):
             AzureStorageJobQueue.from_url(bad, connection_string="UseDevelopmentStorage=true")
+
+
+def test_azurite_gives_an_emulated_broker_its_store_and_queue(azurite: Any) -> None:
+    from kidp.bootstrap import build_queue, build_store
+    from kidp.settings import Settings
+    from kidp.stores.azuretable import TableDeploymentStore
+
+    values = azurite.broker_settings(table=azure_name("t"), queue=azure_name("q"))
+    settings = Settings(**values)
+    assert "AccountKey" not in repr(settings)  # the connection string is a secret
+    store = build_store(settings)
+    queue = build_queue(settings, store)
+    assert isinstance(store, TableDeploymentStore) and isinstance(queue, AzureStorageJobQueue)
+    store.check()
+    queue.check()
+    queue.enqueue(job(1))
+    assert [d.job for d in take(queue)] == [job(1)]
+    store.close()
+    queue.close()
