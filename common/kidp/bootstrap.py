@@ -145,9 +145,15 @@ def build_store(settings: Settings) -> DeploymentStore:
             endpoint_url=settings.aws_endpoint_url,
             deleted_retention_days=settings.deleted_retention_days,
         )
+    if scheme == "azuretable":
+        from kidp.stores.azuretable import TableDeploymentStore
+
+        return TableDeploymentStore.from_url(
+            settings.store_url, connection_string=settings.azure_storage_connection_string
+        )
     raise ValidationFailed(
         f"KIDP_STORE_URL scheme '{scheme}' is not supported; "
-        "use sqlite:///, postgresql:// or dynamodb://"
+        "use sqlite:///, postgresql://, dynamodb:// or azuretable://"
     )
 
 
@@ -180,9 +186,18 @@ def build_queue(settings: Settings, store: DeploymentStore) -> JobQueue:
             max_deliveries=settings.job_max_deliveries,
             dead_letter_queue_url=settings.aws_dead_letter_queue_url,
         )
+    if url.scheme == "azurequeue":
+        from kidp.queues.azurequeue import AzureStorageJobQueue
+
+        return AzureStorageJobQueue.from_url(
+            settings.queue_url,
+            connection_string=settings.azure_storage_connection_string,
+            max_deliveries=settings.job_max_deliveries,
+        )
     raise ValidationFailed(
         f"KIDP_QUEUE_URL '{url.scheme}://{url.hostname or ''}' is not supported; use an SQS "
-        "queue URL or nats://host:4222/<stream>, or leave it unset for the store's own table"
+        "queue URL, nats://host:4222/<stream> or azurequeue://<account>/<queue>, or leave it "
+        "unset for the store's own table"
     )
 
 
@@ -196,7 +211,9 @@ def is_sqs_url(queue_url: str, settings: Settings) -> bool:
 
 def build_secrets(settings: Settings) -> SecretStore:
     """The secret store: the provider's own cloud store, or the local encrypted file."""
-    default = {"aws": "aws", "onprem": "kubernetes"}.get(settings.provider_name, "local")
+    default = {"aws": "aws", "onprem": "kubernetes", "azure": "keyvault"}.get(
+        settings.provider_name, "local"
+    )
     kind = settings.secret_store or default
     if kind == "kubernetes":
         from kidp.secrets.kubernetes import KubernetesSecretStore
@@ -210,13 +227,22 @@ def build_secrets(settings: Settings) -> SecretStore:
         from kidp.secrets.aws import SecretsManagerStore
 
         return SecretsManagerStore(region=settings.region, endpoint_url=settings.aws_endpoint_url)
+    if kind == "keyvault":
+        from kidp.secrets.keyvault import KeyVaultSecretStore
+
+        if not settings.azure_key_vault_url:
+            raise ValidationFailed(
+                "KIDP_AZURE_KEY_VAULT_URL is required with KIDP_SECRET_STORE=keyvault: "
+                "https://<vault>.vault.azure.net/"
+            )
+        return KeyVaultSecretStore(settings.azure_key_vault_url, tag_prefix=settings.tag_prefix)
     if kind == "local":
         from kidp.secrets.local import LocalSecretStore, load_or_create_key
 
         key = load_or_create_key(settings.state_dir / "secrets.key")
         return LocalSecretStore(settings.state_dir / "secrets.enc", key=key)
     raise ValidationFailed(
-        f"KIDP_SECRET_STORE '{kind}' is not supported; use aws, kubernetes or local"
+        f"KIDP_SECRET_STORE '{kind}' is not supported; use aws, kubernetes, keyvault or local"
     )
 
 

@@ -68,6 +68,12 @@ class Settings(BaseModel):
     gcp_kms_key: str | None = None
     gcp_run_service_account: str | None = None
     gcp_topics: bool = True
+
+    # Azure data plane: the Table Storage store and the Storage Queue reach their
+    # account through this connection string when set (Azurite, an account key),
+    # else through Entra ID; Key Vault holds the credentials.
+    azure_storage_connection_string: str | None = Field(default=None, repr=False)
+    azure_key_vault_url: str | None = None
     kube_context: str | None = None
     kube_storage_class: str | None = None
     kube_namespace_prefix: str = ""

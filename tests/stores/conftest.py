@@ -1,9 +1,10 @@
 """Deployment store fixtures: one ``store`` over every backend, and a record factory.
 
 ``store`` runs each contract test (``test_contract.py``) against a SQLite
-file, a fresh PostgreSQL database and a DynamoDB table on moto, all through
-their real clients. Backend-specific tests live in ``test_sql.py`` and
-``test_dynamodb.py``.
+file, a fresh PostgreSQL database, a DynamoDB table on moto and an Azure
+Table Storage table on Azurite, all through their real clients.
+Backend-specific tests live in ``test_sql.py``, ``test_dynamodb.py`` and
+``test_azuretable.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from kidp.models import (
 )
 from kidp.ports import DeploymentStore
 
-BACKENDS = [*SQL_BACKENDS, "dynamodb"]
+BACKENDS = [*SQL_BACKENDS, "dynamodb", pytest.param("azuretable", marks=pytest.mark.azurite)]
 
 # moto's in-process DynamoDB applies a transaction as check-then-write with
 # no lock, and rolls back by restoring a copy of the whole table, so two
@@ -102,11 +103,31 @@ def dynamodb_store(dynamodb_client: Any) -> Any:
     return store
 
 
+@pytest.fixture
+def azure_table_store(azurite: Any) -> Iterator[Any]:
+    """A :class:`TableDeploymentStore` on a fresh Azurite table."""
+    from tests.conftest import azure_name
+
+    from kidp.stores.azuretable import TableDeploymentStore
+
+    store = TableDeploymentStore.from_url(
+        f"azuretable://{azurite.account_name}/{azure_name('t')}",
+        connection_string=azurite.connection_string,
+    )
+    store.create_table()
+    yield store
+    store.close()
+
+
 @pytest.fixture(params=BACKENDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DeploymentStore]:
-    """An empty store: a SQLite file, a fresh PostgreSQL database or a moto table."""
+    """An empty store: a SQLite file, a fresh PostgreSQL database, a moto table
+    or an Azurite table."""
     if request.param == "dynamodb":
         yield request.getfixturevalue("dynamodb_store")
+        return
+    if request.param == "azuretable":
+        yield request.getfixturevalue("azure_table_store")
         return
     from kidp.stores.sql import SqlDeploymentStore
 

@@ -1,0 +1,192 @@
+"""``infra/azure/main.bicep`` read by checkov's own Bicep parser (pycep, in
+``.venv-tools``), checked against what the broker reads: every ``KIDP_*`` app
+setting is a :class:`~kidp.settings.Settings` field, the required ones are
+there, the queue and table the settings name are the ones the template makes,
+secrets are Key Vault references, and the identity holds exactly the roles the
+adapters need. ``scripts/check-azure.sh`` runs checkov on the same files."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.conftest import missing
+
+from kidp.edges.azure import JOBS_QUEUE, STORAGE_CONNECTION
+from kidp.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+INFRA = ROOT / "infra" / "azure"
+TOOLS_PYTHON = ROOT / ".venv-tools" / "bin" / "python"
+
+#: Built-in role ids -> what the broker needs them for.
+ROLES = {
+    "974c5e8b-45b9-4653-ba55-5f855dd0fb88": "Storage Queue Data Contributor",
+    "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3": "Storage Table Data Contributor",
+    "b7e6dc6d-f1e8-4753-8033-0f276bb0955b": "Storage Blob Data Owner",
+    "b86a8fe4-44ce-4948-aee5-eccb2c155cd7": "Key Vault Secrets Officer",
+    "3913510d-42f4-4e42-8a64-420c390055eb": "Monitoring Metrics Publisher",
+    "b24988ac-6180-42a0-ab88-20f7382dd24c": "Contributor",
+}
+REQUIRED = {
+    "KIDP_CLOUD",
+    "KIDP_REGION",
+    "KIDP_STORE_URL",
+    "KIDP_QUEUE_URL",
+    "KIDP_SECRET_STORE",
+    "KIDP_AZURE_KEY_VAULT_URL",
+    "KIDP_CALLBACK_SECRET",
+    "KIDP_JOB_MAX_DELIVERIES",
+}
+
+
+def parse(path: Path) -> dict[str, Any]:
+    """The template as pycep (checkov's Bicep parser) reads it."""
+    if not TOOLS_PYTHON.exists():
+        missing(".venv-tools is missing (run scripts/setup-tools.sh: checkov brings pycep)")
+    script = (
+        "import json, sys; from pycep import BicepParser; "
+        "print(json.dumps(BicepParser().parse(text=open(sys.argv[1]).read()), default=str))"
+    )
+    done = subprocess.run(
+        [str(TOOLS_PYTHON), "-c", script, str(path)], capture_output=True, text=True, check=True
+    )
+    tree: dict[str, Any] = json.loads(done.stdout)
+    return tree
+
+
+@pytest.fixture(scope="module")
+def template() -> dict[str, Any]:
+    return parse(INFRA / "main.bicep")
+
+
+def text(value: Any) -> str:
+    """A literal as written, or a readable form of an expression."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def settings(template: dict[str, Any]) -> dict[str, Any]:
+    """Every app setting the template can set, name -> value."""
+    variables = template["variables"]
+    found: dict[str, Any] = {}
+    for entry in variables["baseSettings"]["value"]:
+        found[entry["name"]] = entry["value"]
+    for name in ("jwtSecretSetting", "jwksSetting", "allowlistSetting"):
+        entry = variables[name]["value"]
+        found[entry["name"]] = entry["value"]
+    return found
+
+
+def resources_of(template: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in template["resources"].items() if v["type"] == kind}
+
+
+# ------------------------------------------------------------------ app settings
+
+
+def test_every_kidp_app_setting_is_a_settings_field(template: dict[str, Any]) -> None:
+    names = {n for n in settings(template) if n.startswith("KIDP_")}
+    unknown = {n for n in names if n.removeprefix("KIDP_").lower() not in Settings.model_fields}
+    assert not unknown, unknown
+    assert names >= REQUIRED
+    assert "KIDP_JWT_SECRET" in names and "KIDP_JWT_JWKS_URL" in names  # one or the other
+    # In Azure the storage is reached with the managed identity, never a key.
+    assert "KIDP_AZURE_STORAGE_CONNECTION_STRING" not in names
+
+
+def test_settings_point_at_what_the_template_makes(template: dict[str, Any]) -> None:
+    values = settings(template)
+    variables = {k: v["value"] for k, v in template["variables"].items()}
+    assert values["KIDP_CLOUD"] == "azure"
+    assert values["KIDP_SECRET_STORE"] == "keyvault"
+    assert values["KIDP_STORE_URL"] == "azuretable://${storage.name}/${table.name}"
+    assert values["KIDP_QUEUE_URL"] == "azurequeue://${storage.name}/${jobsQueue.name}"
+    assert variables["jobsQueueName"] == JOBS_QUEUE
+    queues = resources_of(template, "Microsoft.Storage/storageAccounts/queueServices/queues")
+    assert text(queues["jobsQueue"]["config"]["name"]) == "jobsQueueName"
+    assert text(queues["poisonQueue"]["config"]["name"]) == "${jobsQueueName}-poison"
+    [table] = resources_of(template, "Microsoft.Storage/storageAccounts/tableServices/tables")
+    assert table == "table"
+    assert "vault" in text(values["KIDP_AZURE_KEY_VAULT_URL"])
+    # Secrets are Key Vault references resolved by the platform, never literals.
+    for name in ("KIDP_CALLBACK_SECRET", "KIDP_JWT_SECRET"):
+        assert re.fullmatch(
+            r"@Microsoft\.KeyVault\(SecretUri=\$\{\w+\.properties\.secretUri\}\)", values[name]
+        )
+    # The trigger's connection is the host's storage, by identity.
+    assert values[f"{STORAGE_CONNECTION}__credential"] == "managedidentity"
+    assert "AZURE_CLIENT_ID" in values
+    # host.json's maxDequeueCount follows KIDP_JOB_MAX_DELIVERIES.
+    assert (
+        values["AzureFunctionsJobHost__extensions__queues__maxDequeueCount"]
+        == values["KIDP_JOB_MAX_DELIVERIES"]
+    )
+
+
+# ------------------------------------------------------------------ resources
+
+
+def test_the_function_app_runs_python_311_on_flex_consumption(template: dict[str, Any]) -> None:
+    [plan] = resources_of(template, "Microsoft.Web/serverfarms").values()
+    assert plan["config"]["sku"] == {"tier": "FlexConsumption", "name": "FC1"}
+    [site] = resources_of(template, "Microsoft.Web/sites").values()
+    config = site["config"]
+    assert config["kind"] == "functionapp,linux"
+    assert config["properties"]["functionAppConfig"]["runtime"] == {
+        "name": "python",
+        "version": "3.11",
+    }
+    assert config["properties"]["httpsOnly"] is True
+    assert config["identity"]["type"] == "UserAssigned"
+
+
+def test_storage_and_vault_are_entra_id_only(template: dict[str, Any]) -> None:
+    [storage] = resources_of(template, "Microsoft.Storage/storageAccounts").values()
+    assert storage["config"]["properties"]["allowSharedKeyAccess"] is False
+    [vault] = resources_of(template, "Microsoft.KeyVault/vaults").values()
+    properties = vault["config"]["properties"]
+    assert properties["enableRbacAuthorization"] is True
+    assert properties["enablePurgeProtection"] is True
+
+
+def test_the_identity_holds_only_the_roles_the_adapters_need(template: dict[str, Any]) -> None:
+    roles = template["variables"]["roles"]["value"]
+    assert {ROLES[v] for v in roles.values()} == {
+        "Storage Queue Data Contributor",
+        "Storage Table Data Contributor",
+        "Storage Blob Data Owner",  # the host's leases and the deployment package
+        "Key Vault Secrets Officer",
+        "Monitoring Metrics Publisher",
+    }
+    assignments = resources_of(template, "Microsoft.Authorization/roleAssignments")
+    # A loop's resource body sits one level down.
+    bodies = {name: a["config"].get("config", a["config"]) for name, a in assignments.items()}
+    scopes = {name: text(body["scope"]) for name, body in bodies.items()}
+    assert scopes == {"storageRoles": "storage", "vaultRole": "vault", "insightsRole": "insights"}
+    on_storage = {
+        ROLES[roles[ref["operator"]["operands"]["operand_2"]]]
+        for ref in template["variables"]["storageRoleIds"]["value"]
+    }
+    assert on_storage == {
+        "Storage Queue Data Contributor",
+        "Storage Table Data Contributor",
+        "Storage Blob Data Owner",
+    }
+    module = parse(INFRA / "modules" / "managed-access.bicep")
+    assert ROLES[module["variables"]["contributor"]["value"]] == "Contributor"
+    assert template["modules"]["managedAccess"]["config"]["scope"] is not None
+
+
+def test_the_parameter_file_sets_declared_parameters_and_no_secret(
+    template: dict[str, Any],
+) -> None:
+    lines = (INFRA / "main.bicepparam").read_text().splitlines()
+    assert "using './main.bicep'" in lines
+    params = dict(re.findall(r"^param (\w+) = (.+)$", "\n".join(lines), flags=re.M))
+    assert set(params) <= set(template["parameters"])
+    assert params["callbackSecret"].startswith("readEnvironmentVariable(")
+    assert params["jwtSecret"].startswith("readEnvironmentVariable(")
