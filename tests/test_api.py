@@ -474,6 +474,13 @@ def test_committed_openapi_matches_the_code(api: Any) -> None:
     assert served == committed, "regenerate: kidp-broker openapi > docs/openapi.json"
     assert "/v1/provision" in served["paths"]
     assert "ProvisionRequest" in served["components"]["schemas"]
+    # Markdown, not reStructuredText; and a request body to start from.
+    assert "``" not in json.dumps(served)
+    body = served["paths"]["/v1/provision"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["example"]["spec"]["engine"] == "postgresql"
+    accepted = client.post("/v1/provision", json=body["example"], headers=token())
+    assert accepted.status_code in (202, 400), accepted.text  # the example validates
+    assert accepted.json().get("error") != "validation_failed" or "callbackUrl" in accepted.text
 
 
 def test_an_unknown_caller_with_a_bad_body_is_refused_before_parsing(api: Any) -> None:
@@ -532,3 +539,19 @@ def test_orphans_need_a_token_for_every_namespace(api: Any, stray_rds_instance: 
     found = client.get("/v1/orphans", headers=token(namespaces=["*"])).json()
     assert found["total"] == 1
     assert found["orphans"][0]["deploymentId"] == f"deploy-{'1' * 32}"
+
+
+def test_the_docs_page_works_offline_from_the_package(
+    api: Callable[..., tuple[Any, TestClient]],
+) -> None:
+    _, client = api()
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assert "cdn" not in page.text.lower() and "https://" not in page.text
+    assert "/docs/assets/swagger-ui-bundle.js" in page.text
+    script = client.get("/docs/assets/swagger-ui-bundle.js")
+    assert script.status_code == 200 and len(script.content) > 100_000
+    assert client.get("/docs/assets/swagger-ui.css").status_code == 200
+    # Only Swagger UI's own files, and no other page without a token.
+    assert client.get("/docs/assets/..%2Fpyproject.toml").status_code == 401
+    assert client.get("/redoc").status_code == 401

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
@@ -25,6 +26,7 @@ from kidp.errors import (
     BrokerError,
     Forbidden,
     InvalidRequest,
+    NotFound,
     PayloadTooLarge,
     RateLimited,
     TemporaryError,
@@ -59,7 +61,13 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: Paths that are probed by machines and never rate limited or audited per call.
 _PROBES = frozenset({"/health", "/readiness", "/ready", "/metrics"})
 #: Paths served without a token (discovery and probes).
-_PUBLIC = _PROBES | {"/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+#: Swagger UI's own files, served from the package (``swagger-ui-bundle``), so
+#: the page works without reaching a CDN.
+DOCS_ASSETS = "/docs/assets"
+_DOCS_FILES = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")
+_PUBLIC = (
+    _PROBES | {"/", "/openapi.json", "/docs"} | {f"{DOCS_ASSETS}/{name}" for name in _DOCS_FILES}
+)
 #: The ``endpoint`` label of a request no route matched.
 _UNMATCHED = "unmatched"
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -293,6 +301,9 @@ def create_app(
 
     app = FastAPI(
         lifespan=lifespan,
+        # /docs is served below from local files; ReDoc only exists on a CDN.
+        docs_url=None,
+        redoc_url=None,
         title="KIDP Deployment Broker",
         version=settings.version,
         description="Provisions databases, caches, topics, buckets and services on "
@@ -343,6 +354,30 @@ def create_app(
         )
 
     # ------------------------------------------------------------- discovery
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Response:
+        """Swagger UI for this API, every file from this package."""
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="KIDP Deployment Broker",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
+
+    @app.get(DOCS_ASSETS + "/{name}", include_in_schema=False)
+    def docs_asset(name: str) -> Response:
+        """One of Swagger UI's files (a fixed list: nothing else is served)."""
+        from starlette.responses import FileResponse
+
+        if name not in _DOCS_FILES:
+            raise NotFound(f"no documentation file {name}")
+        import swagger_ui_bundle
+
+        return FileResponse(Path(swagger_ui_bundle.swagger_ui_path) / name)
 
     @app.get("/", tags=["discovery"])
     def root() -> dict[str, Any]:
@@ -533,6 +568,8 @@ def create_app(
                         },
                     },
                 )
+        _add_examples(schema)
+        _markdown(schema)
         schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
             "type": "http",
             "scheme": "bearer",
@@ -544,3 +581,56 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return Gatekeeper(app, service, verifier=verifier, limiter=limiter)
+
+
+#: Request bodies shown in the OpenAPI document: seed 001's own examples.
+REQUEST_EXAMPLES: dict[str, dict[str, Any]] = {
+    "/v1/provision": {
+        "resourceType": "database",
+        "resourceName": "postgres-app-db",
+        "namespace": "team-platform",
+        "team": "platform-team",
+        "owner": "user@example.com",
+        "callbackUrl": "http://manager:9090/v1/callback",
+        "spec": {
+            "engine": "postgresql",
+            "version": "15",
+            "size": "medium",
+            "highAvailability": True,
+            "backup": {"enabled": True, "retention": "7d"},
+            "encryption": {"atRest": True, "inTransit": True},
+        },
+    },
+    "/v1/deprovision": {
+        "deploymentId": "deploy-fc8fc917314e2b8b698427458cd35342",
+        "resourceType": "database",
+        "resourceName": "postgres-app-db",
+        "namespace": "team-platform",
+        "callbackUrl": "http://manager:9090/v1/callback",
+    },
+}
+REQUEST_EXAMPLES["/api/v1/deploy"] = REQUEST_EXAMPLES["/v1/provision"]
+
+
+def _add_examples(schema: dict[str, Any]) -> None:
+    for path, example in REQUEST_EXAMPLES.items():
+        operation = schema.get("paths", {}).get(path, {}).get("post")
+        if operation is None:
+            continue
+        content = operation.get("requestBody", {}).get("content", {}).get("application/json")
+        if content is not None:
+            content["example"] = example
+
+
+def _markdown(node: Any) -> None:
+    """OpenAPI descriptions are Markdown; the docstrings they come from use
+    reStructuredText's double backticks for code."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("description", "summary") and isinstance(value, str):
+                node[key] = value.replace("``", "`")
+            else:
+                _markdown(value)
+    elif isinstance(node, list):
+        for item in node:
+            _markdown(item)
