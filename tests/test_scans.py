@@ -8,6 +8,7 @@ from typing import Any
 
 import boto3
 
+from kidp.errors import CloudUnavailable
 from kidp.models import CostSnapshot, Phase
 
 
@@ -232,3 +233,25 @@ def test_a_refused_rotation_keeps_the_secret_that_works(make_broker: Any) -> Non
     assert b'broker_credential_rotations_total{status="failure"} 1.0' in (
         h.service.metrics.render()
     )
+
+
+def test_a_drift_scan_that_cannot_reach_the_cloud_says_why(make_broker: Any) -> None:
+    h = make_broker()
+    deployment_id = h.submit().deployment_id
+    h.drain()
+
+    def unreachable(deployment: Any) -> Any:
+        raise CloudUnavailable("rds describe_db_instances: no answer (EndpointConnectionError)")
+
+    h.service.provider.get_status = unreachable  # type: ignore[method-assign]
+    assert h.broker.scanner.drift() == {
+        "checked": 0,
+        "changed": 0,
+        "skipped": [
+            {
+                "deploymentId": deployment_id,
+                "reason": "rds describe_db_instances: no answer (EndpointConnectionError)",
+            }
+        ],
+        "skippedTotal": 1,
+    }

@@ -18,6 +18,9 @@ from kidp.ports import Credentials
 from kidp.service import BrokerService, generate_password, secret_name
 from kidp.tags import DEPLOYMENT_ID, decode
 
+#: Skipped deployments listed in a drift report (the rest are counted).
+SKIPPED_SHOWN = 20
+
 log = logging.getLogger("kidp.scans")
 
 ScanName = Literal["drift", "orphans", "cost", "rotation", "reconcile"]
@@ -39,6 +42,7 @@ class Scanner:
         """Compare every Ready deployment with the cloud; callback once per change."""
         svc = self.service
         checked = changed = 0
+        skipped: list[dict[str, str]] = []
         for deployment in svc.store.list(phases=[Phase.READY], limit=ALL):
             try:
                 result = svc.check_drift(deployment)
@@ -48,10 +52,17 @@ class Scanner:
                     "drift check skipped",
                     extra={"deploymentId": deployment.id, "reason": exc.message},
                 )
+                skipped.append({"deploymentId": deployment.id, "reason": exc.message})
                 continue
             checked += 1
             changed += result
-        return {"checked": checked, "changed": changed}
+        report: dict[str, Any] = {"checked": checked, "changed": changed}
+        if skipped:
+            # Whoever runs the scan sees why a deployment was not checked
+            # (most often: the cloud could not be reached with these settings).
+            report["skipped"] = skipped[:SKIPPED_SHOWN]
+            report["skippedTotal"] = len(skipped)
+        return report
 
     # ---------------------------------------------------------------- orphans
 
