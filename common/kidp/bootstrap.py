@@ -103,6 +103,7 @@ def build_provider(settings: Settings, metrics: Metrics) -> CloudProvider:
             storage_class=settings.kube_storage_class,
             namespace_prefix=settings.kube_namespace_prefix,
             kafka_cluster=settings.kube_kafka_cluster,
+            quota_ttl=settings.quota_cache_seconds,
             on_call=on_call,
         )
     if name == "gcp":

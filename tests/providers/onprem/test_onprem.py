@@ -595,6 +595,23 @@ def test_quota_and_limit_ranges_refuse_before_anything_is_created(
     assert names(emulator, "apps/v1", "statefulsets") == []
 
 
+def test_with_a_quota_ttl_repeated_checks_make_no_api_call(
+    emulator: KubeEmulator, api: Any
+) -> None:
+    calls: list[tuple[str, str]] = []
+    provider = KubernetesProvider(
+        api_client=api, quota_ttl=60, on_call=lambda kind, op: calls.append((kind, op))
+    )
+    emulator.create_namespace(NS)
+    provider.validate_quota(deployment())
+    first = len(calls)
+    assert first >= 3  # namespace, quotas, limit ranges
+    for _ in range(5):
+        report = provider.validate_quota(deployment())
+    assert len(calls) == first
+    assert report.details["maxAgeSeconds"] == 60
+
+
 def test_the_api_servers_quota_refusal_is_quota_exceeded(
     emulator: KubeEmulator, provider: KubernetesProvider
 ) -> None:

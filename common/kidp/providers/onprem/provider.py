@@ -64,6 +64,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from kidp import tags as tagging
+from kidp.caching import Refreshing
 from kidp.catalog import DEFAULT_PORTS, ENGINES
 from kidp.errors import (
     BrokerError,
@@ -177,6 +178,15 @@ class _KafkaCluster:
 # The provider
 
 
+@dataclass(frozen=True)
+class _NamespaceLimits:
+    """What bounds a namespace: whether it exists, its ResourceQuotas, its LimitRanges."""
+
+    exists: bool
+    quotas: list[dict[str, Any]]
+    ranges: list[dict[str, Any]]
+
+
 class KubernetesProvider:
     """:class:`kidp.ports.CloudProvider` for a Kubernetes cluster.
 
@@ -208,6 +218,7 @@ class KubernetesProvider:
         kafka_cluster: str | None = None,
         discovery_ttl_seconds: float = 60.0,
         request_timeout: float = 30.0,
+        quota_ttl: float = 0.0,
     ) -> None:
         if api_client is None:
             api_client, region = load_api_client(kubeconfig=kubeconfig, context=context)
@@ -223,6 +234,8 @@ class KubernetesProvider:
         self.api = KubeApi(api_client, on_call=on_call, request_timeout=request_timeout)
         self._lock = threading.Lock()
         self._discovery: _Discovery | None = None
+        self.quota_ttl = quota_ttl
+        self._limits: dict[str, Refreshing[_NamespaceLimits]] = {}
 
     def __repr__(self) -> str:
         return f"KubernetesProvider(region={self.region!r})"
@@ -554,7 +567,8 @@ class KubernetesProvider:
         ResourceQuotas and LimitRanges; raises ``QuotaExceeded`` naming the limit."""
         path = self._preflight(deployment)
         namespace = self.namespace(deployment)
-        if not self.api.namespace_exists(namespace):
+        limits = self._namespace_limits(namespace)
+        if not limits.exists:
             return QuotaReport(
                 checked=True,
                 details={
@@ -578,20 +592,47 @@ class KubernetesProvider:
         # Counted as new even when the secret store made the Secret already: the
         # api role may not read Secrets, and one Secret too many is the safe error.
         needs = m.quota_needs(objects)
-        quotas = self.api.list(QUOTA, namespace)
-        for quota in quotas:
+        for quota in limits.quotas:
             _check_quota(namespace, quota, needs)
-        ranges = self.api.list(LIMIT_RANGE, namespace)
-        for limit_range in ranges:
+        for limit_range in limits.ranges:
             _check_limit_range(namespace, limit_range, objects)
         return QuotaReport(
             checked=True,
             details={
                 "namespace": namespace,
-                "resourceQuotas": [q["metadata"]["name"] for q in quotas],
-                "limitRanges": [r["metadata"]["name"] for r in ranges],
+                "resourceQuotas": [q["metadata"]["name"] for q in limits.quotas],
+                "limitRanges": [r["metadata"]["name"] for r in limits.ranges],
                 "needs": {key: str(value) for key, value in sorted(needs.items())},
+                "maxAgeSeconds": self.quota_ttl,
             },
+        )
+
+    def _namespace_limits(self, namespace: str) -> _NamespaceLimits:
+        """The namespace's ResourceQuotas and LimitRanges: read now, or with a
+        ``quota_ttl`` from memory and refreshed in the background (the accept
+        path then makes no API call; the API server's own admission still
+        refuses a create that goes over, as ``QuotaExceeded``)."""
+        if self.quota_ttl <= 0:
+            return self._read_limits(namespace)
+        with self._lock:
+            cached = self._limits.get(namespace)
+            if cached is None:
+                cached = Refreshing(
+                    lambda: self._read_limits(namespace),
+                    ttl=self.quota_ttl,
+                    max_age=15 * self.quota_ttl,
+                    name=f"quotas of namespace {namespace}",
+                )
+                self._limits[namespace] = cached
+        return cached.get()
+
+    def _read_limits(self, namespace: str) -> _NamespaceLimits:
+        if not self.api.namespace_exists(namespace):
+            return _NamespaceLimits(exists=False, quotas=[], ranges=[])
+        return _NamespaceLimits(
+            exists=True,
+            quotas=self.api.list(QUOTA, namespace),
+            ranges=self.api.list(LIMIT_RANGE, namespace),
         )
 
     def deploy(
