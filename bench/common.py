@@ -13,9 +13,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -100,6 +102,31 @@ def summary(name: str, latencies: list[float], wall: float) -> str:
     )
 
 
+def _request(
+    method: str, path: str, host: str, port: str, body: bytes, headers: dict[str, str]
+) -> bytes:
+    head = [
+        f"{method} {path} HTTP/1.1",
+        f"Host: {host}:{port}",
+        f"Content-Length: {len(body)}",
+        "Content-Type: application/json",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def _status(reader: asyncio.StreamReader) -> int:
+    """Read one response off a keep-alive connection; its status code."""
+    status_line = await reader.readline()
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    return int(status_line.split()[1])
+
+
 async def load(
     base: str | list[str],
     method: str,
@@ -108,8 +135,10 @@ async def load(
     concurrency: int,
     make_body: Callable[[int], dict[str, object]] | None,
     headers: dict[str, str],
+    statuses: list[int] | None = None,
 ) -> tuple[list[float], float]:
-    """``total`` requests over ``concurrency`` keep-alive connections.
+    """``total`` requests over ``concurrency`` keep-alive connections; each
+    response's status is appended to ``statuses`` when given.
 
     A minimal HTTP/1.1 client on asyncio streams: httpx's async pool tops out
     near 200 requests/s on this machine even against a do-nothing server, so
@@ -128,25 +157,14 @@ async def load(
         try:
             for n in counter:
                 body = json.dumps(make_body(n)).encode() if make_body else b""
-                head = [
-                    f"{method} {path} HTTP/1.1",
-                    f"Host: {host}:{port}",
-                    f"Content-Length: {len(body)}",
-                    "Content-Type: application/json",
-                    *(f"{k}: {v}" for k, v in headers.items()),
-                ]
                 started = time.perf_counter()
-                writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+                writer.write(_request(method, path, host, port, body, headers))
                 await writer.drain()
-                status_line = await reader.readline()
-                length = 0
-                while (line := await reader.readline()) not in (b"\r\n", b""):
-                    name, _, value = line.decode("latin-1").partition(":")
-                    if name.lower() == "content-length":
-                        length = int(value)
-                await reader.readexactly(length)
+                status = await _status(reader)
                 latencies.append(time.perf_counter() - started)
-                if int(status_line.split()[1]) >= 400:
+                if statuses is not None:
+                    statuses.append(status)
+                if status >= 400:
                     failures += 1
         finally:
             writer.close()
@@ -175,28 +193,13 @@ async def burst(
     gate = asyncio.Event()
 
     async def caller(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        body = json.dumps(make_body(n)).encode()
-        head = [
-            f"POST {path} HTTP/1.1",
-            f"Host: {host}:{port}",
-            f"Content-Length: {len(body)}",
-            "Content-Type: application/json",
-            *(f"{k}: {v}" for k, v in headers.items()),
-        ]
-        request = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        request = _request("POST", path, host, port, json.dumps(make_body(n)).encode(), headers)
         await gate.wait()
         started = time.perf_counter()
         writer.write(request)
         await writer.drain()
-        status_line = await reader.readline()
-        length = 0
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            if name.lower() == "content-length":
-                length = int(value)
-        await reader.readexactly(length)
+        statuses.append(await _status(reader))
         latencies.append(time.perf_counter() - started)
-        statuses.append(int(status_line.split()[1]))
         writer.close()
 
     tasks = [asyncio.ensure_future(caller(n, r, w)) for n, (r, w) in enumerate(connections)]
@@ -205,3 +208,36 @@ async def burst(
     gate.set()
     await asyncio.gather(*tasks)
     return latencies, time.perf_counter() - started, statuses
+
+
+def submit(
+    base: str | list[str],
+    bodies: Callable[[int], dict[str, object]],
+    total: int,
+    concurrency: int,
+    headers: dict[str, str],
+) -> float:
+    """POST ``total`` provisions over ``concurrency`` callers (as a platform
+    applying a team's stack would); the seconds it took. Exits unless every
+    one was accepted (202)."""
+    statuses: list[int] = []
+    _, wall = asyncio.run(
+        load(base, "POST", "/v1/provision", total, concurrency, bodies, headers, statuses)
+    )
+    if statuses.count(202) != total:
+        raise SystemExit(f"not every provision was accepted: {Counter(statuses)}")
+    return wall
+
+
+def wait_ready(receiver: Any, ids: int, timeout: float, *, prefix: str = "") -> set[str]:
+    """Read callbacks until ``ids`` distinct deployments (whose resource name
+    starts with ``prefix``) are Ready; exits on a Failed one."""
+    ready: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while len(ready) < ids and time.monotonic() < deadline:
+        payload = receiver.received.get(timeout=max(0.1, deadline - time.monotonic()))
+        if payload["phase"] == "Failed":
+            raise SystemExit(f"deployment failed: {payload['message']}")
+        if payload["phase"] == "Ready" and payload["resourceName"].startswith(prefix):
+            ready.add(payload["deploymentId"])
+    return ready

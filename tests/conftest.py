@@ -438,6 +438,7 @@ def make_broker(
                 "poll_interval_seconds": 0,
                 "progress_interval_seconds": 0,
                 "namespace_wait_seconds": 0,
+                "sync_delay_seconds": 0,
             }
             values.update(overrides)
             harness = BrokerHarness(build(Settings(**values), **(adapters or {})), receiver)

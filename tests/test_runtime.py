@@ -212,3 +212,31 @@ def test_roles_without_the_api_serve_their_probes(make_broker: Any) -> None:
         assert httpx.post(f"{base}/v1/provision", json={}, timeout=10).status_code == 501
     finally:
         runtime.stop()
+
+
+def test_a_burst_of_changes_schedules_one_sync_after_the_burst(make_broker: Any) -> None:
+    from kidp.service import ServiceClock
+
+    h = make_broker(sync_delay_seconds=5)
+    now = [100.0]
+    h.broker.service.clock = ServiceClock(monotonic=lambda: now[0])
+    queue = h.broker.service.queue
+    enqueued: list[tuple[str, float]] = []
+    real = queue.enqueue
+
+    def counting(job: Any, *, delay: float = 0.0) -> None:
+        enqueued.append((job.id, delay))
+        real(job, delay=delay)
+
+    queue.enqueue = counting  # type: ignore[method-assign]
+    a, b = "deploy-" + "a" * 32, "deploy-" + "b" * 32
+    for _ in range(10):  # a StatefulSet, its pod and claim, changing as they start
+        h.broker.service.changed(a)
+        now[0] += 0.3
+    # One trip to the queue, due once the burst has settled.
+    assert enqueued == [(f"sync-{a}", 5)]
+    assert queue.receive(max_jobs=5, lease_seconds=30) == []
+    now[0] += 5
+    h.broker.service.changed(a)  # a later change schedules again
+    h.broker.service.changed(b)
+    assert enqueued[1:] == [(f"sync-{a}", 5), (f"sync-{b}", 5)]

@@ -136,6 +136,11 @@ class CallbackSender:
             )
             return self._http
 
+    def warm_up(self) -> None:
+        """Build the HTTP client now: a long-running worker should not pay for
+        the import at its first callback (a function invoked once should)."""
+        self._client  # noqa: B018 - the property builds and keeps the client
+
     def send(self, event: CallbackEvent) -> DeliveryResult:
         """POST ``event.payload`` to ``event.url`` once; never raises for a failed delivery.
 

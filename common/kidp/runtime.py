@@ -315,6 +315,7 @@ class EmbeddedBroker:
                     "by polls and the drift scan"
                 )
         if "worker" in parts:
+            self.broker.service.sender.warm_up()
             for n in range(self.broker.settings.worker_threads):
                 worker = Worker(self.broker)
                 self.workers.append(worker)

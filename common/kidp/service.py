@@ -79,6 +79,9 @@ audit = logging.getLogger("kidp.audit")
 #: Dead letters retried per reconcile pass (each may wait out the callback timeout).
 DEAD_LETTERS_PER_PASS = 10
 
+#: Scheduled syncs remembered before the ones already run are forgotten.
+SCHEDULED_SYNCS_KEPT = 10_000
+
 #: How long ``/health`` reuses its dependency checks.
 HEALTH_CACHE_SECONDS = 5.0
 
@@ -156,6 +159,9 @@ class BrokerService:
         self.started = self.clock.monotonic()
         self._checks_lock = threading.Lock()
         self._checks: dict[str, tuple[float, bool, dict[str, Any]]] = {}
+        self._syncs_lock = threading.Lock()
+        #: When the sync scheduled for each deployment runs (monotonic clock).
+        self._syncs: dict[str, float] = {}
         self.metrics.use_provider(self.provider.name)
 
     # ------------------------------------------------------------------ submit
@@ -683,10 +689,24 @@ class BrokerService:
             self._fail(deployment.id, exc, token=job.id)
 
     def changed(self, deployment_id: str) -> None:
-        """A watcher saw the cloud objects of ``deployment_id`` change: sync it soon.
-        One waiting sync per deployment: a burst of events is one job."""
+        """A watcher saw the cloud objects of ``deployment_id`` change: sync it in
+        ``sync_delay_seconds``. A burst of events (a StatefulSet, its pods, its
+        claims, each changing several times) is one sync, run once the burst
+        has settled: events while a sync is scheduled ride on it, here without
+        a trip to the queue, and in the queue by the job's fixed id."""
+        delay = self.settings.sync_delay_seconds
+        now = self.clock.monotonic()
+        with self._syncs_lock:
+            due = self._syncs.get(deployment_id)
+            if due is not None and now < due:
+                return
+            self._syncs[deployment_id] = now + delay
+            if len(self._syncs) > SCHEDULED_SYNCS_KEPT:
+                for key in [k for k, at in self._syncs.items() if at <= now]:
+                    del self._syncs[key]
         self._enqueue(
-            Job(kind=JobKind.SYNC, deployment_id=deployment_id, id=f"sync-{deployment_id}")
+            Job(kind=JobKind.SYNC, deployment_id=deployment_id, id=f"sync-{deployment_id}"),
+            delay=delay,
         )
 
     def _sync(self, deployment: Deployment) -> None:

@@ -91,6 +91,7 @@ class Settings(BaseModel):
 
     poll_interval_seconds: float = 10.0
     progress_interval_seconds: float = 30.0
+    sync_delay_seconds: float = 1.0
     provision_timeout_seconds: float = 3600.0
     namespace_wait_seconds: float = 5.0
     quota_cache_seconds: float = 60.0
