@@ -48,6 +48,22 @@ ENGINES: dict[ResourceType, dict[str, list[str]]] = {
     ResourceType.SERVICE: {"": []},
 }
 
+#: Engines that are one cloud's own managed service, by provider. Kept apart
+#: from ENGINES because providers take ENGINES' caches and topics wholesale and
+#: the on-prem samples build every database engine in it: a cloud-only engine
+#: there would be offered, or built, where it does not exist.
+PROVIDER_ENGINES: dict[str, dict[ResourceType, dict[str, list[str]]]] = {
+    # Azure SQL Database's server version is "12.0" (it follows SQL Server's
+    # engine, not a release you pick); Azure Cache for Redis offers Redis 6,
+    # which is 6.0; Service Bus has no versions, and "1.0" is the AMQP version
+    # it speaks (the catalogue needs one to default to).
+    "azure": {
+        ResourceType.DATABASE: {"sqlserver": ["12.0"]},
+        ResourceType.CACHE: {"redis": ["6.0"]},
+        ResourceType.TOPIC: {"servicebus": ["1.0"]},
+    },
+}
+
 #: Spec fields that mean something for each type; anything else set is refused.
 FIELDS: dict[ResourceType, frozenset[str]] = {
     ResourceType.DATABASE: frozenset(
@@ -70,6 +86,8 @@ DEFAULT_PORTS = {
     "redis": 6379,
     "memcached": 11211,
     "kafka": 9092,
+    "sqlserver": 1433,
+    "servicebus": 5671,
 }
 
 
