@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from kidp.api import Gatekeeper
     from kidp.auth import TokenVerifier
 
-PROVIDERS = ("aws", "onprem")
+PROVIDERS = ("aws", "onprem", "azure")
 
 log = logging.getLogger("kidp.bootstrap")
 
@@ -102,6 +102,27 @@ def build_provider(settings: Settings, metrics: Metrics) -> CloudProvider:
             storage_class=settings.kube_storage_class,
             namespace_prefix=settings.kube_namespace_prefix,
             kafka_cluster=settings.kube_kafka_cluster,
+            on_call=on_call,
+        )
+    if name == "azure":
+        from kidp.providers.azure import AzureProvider, credential_for
+
+        if not settings.azure_subscription_id or not settings.azure_resource_group:
+            raise ValidationFailed(
+                "the Azure provider needs KIDP_AZURE_SUBSCRIPTION_ID and KIDP_AZURE_RESOURCE_GROUP"
+            )
+        # Location = KIDP_REGION; tokens from DefaultAzureCredential unless a stand-in's.
+        return AzureProvider(
+            subscription_id=settings.azure_subscription_id,
+            resource_group=settings.azure_resource_group,
+            region=settings.region,
+            credential=credential_for(settings.azure_credential, settings.azure_arm_endpoint),
+            base_url=settings.azure_arm_endpoint,
+            connection_verify=settings.azure_arm_ca_file or True,
+            tag_prefix=settings.tag_prefix,
+            managed_by=settings.managed_by,
+            servicebus_namespace=settings.azure_servicebus_namespace,
+            containerapps_environment=settings.azure_containerapps_environment,
             on_call=on_call,
         )
     raise ValidationFailed(
