@@ -1360,6 +1360,9 @@ def _matches(resource: Json, wanted: dict[str, str]) -> bool:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: without this, Nagle's algorithm and
+    # the client's delayed ACK hold every answer back ~40 ms.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         return  # tests and the broker log their own way
@@ -1490,8 +1493,9 @@ class RunningArmEmulator(ArmEmulator):
             scheme = "https"
         self.url = f"{scheme}://127.0.0.1:{server.server_address[1]}"
         self._server = server
+        # A short poll interval: stop() waits for it, and tests stop one per test.
         self._thread = threading.Thread(
-            target=server.serve_forever, name="arm-emulator", daemon=True
+            target=server.serve_forever, args=(0.05,), name="arm-emulator", daemon=True
         )
         self._thread.start()
 
