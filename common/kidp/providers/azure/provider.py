@@ -657,6 +657,10 @@ class AzureProvider:
     def rotate_credentials(self, deployment: Deployment, credentials: Credentials) -> None:
         """Set a new administrator password (an update Azure applies on its own time)."""
         kind = self._kind(deployment)
+        if kind.password_policy(deployment) is None:
+            raise ProvisioningFailed(
+                f"a {kind.label} takes no credentials from the broker: nothing to rotate"
+            )
         kind.check_credentials(deployment, credentials)
         found = self._locate(kind, deployment)
         if found is None or (kind.taggable and not self.owned_by(found, deployment)):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from kidp.errors import ProvisioningFailed
 from kidp.models import CloudResource, Deployment, ResourceType, Size
 from kidp.ports import Credentials
 from kidp.providers.azure.base import (
@@ -119,8 +118,3 @@ class _RedisCache(_Kind):
             return False
         self.call("redis.begin_delete", self.p.resource_group, found.name, polling=False)
         return self.find(deployment, found.name) is None
-
-    def rotate(self, deployment: Deployment, found: _Found, credentials: Credentials) -> None:
-        raise ProvisioningFailed(
-            "Azure Cache for Redis here uses Microsoft Entra ID: there is no key to rotate"
-        )
