@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from azure.core.credentials import AccessToken
 from azure.core.exceptions import ClientAuthenticationError
+from tests.providers.azure.conftest import GROUP
 
 from kidp import catalog, drift, pricing
 from kidp import tags as tagging
@@ -43,8 +44,6 @@ from kidp.models import (
 from kidp.ports import CloudProvider, Credentials
 from kidp.providers.azure import API_VERSIONS, AzureProvider
 from kidp.service import generate_password, secret_name
-
-from .conftest import GROUP
 
 PASSWORD = "Qx7-vQ2_mP9.tR4~wZ8nB3yL6hDkA5sJ0cE"
 CREDS = Credentials(username="kidpadmin", password=PASSWORD)
