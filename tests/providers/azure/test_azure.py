@@ -378,6 +378,16 @@ def test_flexible_servers_zone_redundant_only_on_general_purpose(
         provider.validate_quota(small_ha)
     assert arm.resources("Microsoft.DBforPostgreSQL/flexibleServers") == []
 
+    tiny = make_deployment(provider, ResourceType.DATABASE, engine="mysql", storage_gb=10)
+    with pytest.raises(ValidationFailed, match="Azure MySQL stores 20 to 16384 GiB; 10"):
+        provider.validate_quota(tiny)
+    with pytest.raises(ValidationFailed, match="7 to 35 days; 3 days"):
+        provider.validate_quota(
+            make_deployment(
+                provider, ResourceType.DATABASE, engine="postgresql", backup={"retention": "3d"}
+            )
+        )
+
     large_ha = make_deployment(
         provider,
         ResourceType.DATABASE,

@@ -291,6 +291,21 @@ class _MysqlFlexible(_FlexibleServer):
     # ARM names MySQL 8.0 by the minor version the service started from.
     versions = {"8.0": "8.0.21"}
     min_backup_days = 1
+    storage_range = (20, 16384)
+
+    def arm_storage(self, deployment: Deployment) -> int:
+        wanted = self.storage(deployment)
+        low, high = self.storage_range
+        if not low <= wanted <= high:
+            raise ProvisioningFailed(f"Azure MySQL stores {low} to {high} GiB; {wanted} requested")
+        return wanted
+
+    def validate(self, deployment: Deployment) -> None:
+        super().validate(deployment)
+        try:
+            self.arm_storage(deployment)
+        except ProvisioningFailed as exc:
+            raise ValidationFailed(exc.message) from None
 
     def actual_version(self, props: Json) -> Any:
         version = props.get("fullVersion") or props.get("version")
