@@ -421,6 +421,8 @@ class AzureProvider:
             ResourceType.BUCKET: "storage",
             ResourceType.SERVICE: "containerapps",
         }[rtype]
+        if not key:
+            raise ProvisioningFailed(f"a {rtype.value} on Azure needs spec.engine")
         return self._kinds[key]
 
     def _unavailable(self, rtype: ResourceType) -> str:
