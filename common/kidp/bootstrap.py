@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from kidp.api import Gatekeeper
     from kidp.auth import TokenVerifier
 
-PROVIDERS = ("aws", "onprem", "gcp")
+PROVIDERS = ("aws", "onprem", "azure", "gcp")
 
 log = logging.getLogger("kidp.bootstrap")
 
@@ -120,6 +120,27 @@ def build_provider(settings: Settings, metrics: Metrics) -> CloudProvider:
             kms_key=settings.gcp_kms_key,
             run_service_account=settings.gcp_run_service_account,
             topics=settings.gcp_topics,
+            on_call=on_call,
+        )
+    if name == "azure":
+        from kidp.providers.azure import AzureProvider, credential_for
+
+        if not settings.azure_subscription_id or not settings.azure_resource_group:
+            raise ValidationFailed(
+                "the Azure provider needs KIDP_AZURE_SUBSCRIPTION_ID and KIDP_AZURE_RESOURCE_GROUP"
+            )
+        # Location = KIDP_REGION; tokens from DefaultAzureCredential unless a stand-in's.
+        return AzureProvider(
+            subscription_id=settings.azure_subscription_id,
+            resource_group=settings.azure_resource_group,
+            region=settings.region,
+            credential=credential_for(settings.azure_credential, settings.azure_arm_endpoint),
+            base_url=settings.azure_arm_endpoint,
+            connection_verify=settings.azure_arm_ca_file or True,
+            tag_prefix=settings.tag_prefix,
+            managed_by=settings.managed_by,
+            servicebus_namespace=settings.azure_servicebus_namespace,
+            containerapps_environment=settings.azure_containerapps_environment,
             on_call=on_call,
         )
     raise ValidationFailed(

@@ -43,10 +43,27 @@ ENGINES: dict[ResourceType, dict[str, list[str]]] = {
         "redis": ["6.2", "7.0", "7.2"],
         "memcached": ["1.6"],
     },
-    # Pub/Sub has no engine versions; "v1" is its API, the one version there is.
-    ResourceType.TOPIC: {"kafka": ["3.5", "3.6", "3.7"], "pubsub": ["v1"]},
+    ResourceType.TOPIC: {"kafka": ["3.5", "3.6", "3.7"]},
     ResourceType.BUCKET: {"": []},
     ResourceType.SERVICE: {"": []},
+}
+
+#: Engines that are one cloud's own managed service, by provider. Kept apart
+#: from ENGINES because providers take ENGINES' caches and topics wholesale and
+#: the on-prem samples build every database engine in it: a cloud-only engine
+#: there would be offered, or built, where it does not exist.
+PROVIDER_ENGINES: dict[str, dict[ResourceType, dict[str, list[str]]]] = {
+    # Azure SQL Database's server version is "12.0" (it follows SQL Server's
+    # engine, not a release you pick); Azure Cache for Redis offers Redis 6,
+    # which is 6.0; Service Bus has no versions, and "1.0" is the AMQP version
+    # it speaks (the catalogue needs one to default to).
+    "azure": {
+        ResourceType.DATABASE: {"sqlserver": ["12.0"]},
+        ResourceType.CACHE: {"redis": ["6.0"]},
+        ResourceType.TOPIC: {"servicebus": ["1.0"]},
+    },
+    # Pub/Sub has no engine versions; "v1" is its API, the one version there is.
+    "gcp": {ResourceType.TOPIC: {"pubsub": ["v1"]}},
 }
 
 #: Spec fields that mean something for each type; anything else set is refused.
@@ -71,6 +88,8 @@ DEFAULT_PORTS = {
     "redis": 6379,
     "memcached": 11211,
     "kafka": 9092,
+    "sqlserver": 1433,
+    "servicebus": 5671,
 }
 
 

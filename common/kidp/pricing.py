@@ -57,16 +57,42 @@ _COMPUTE_HOURLY: dict[str, dict[ResourceType, dict[Size, float]]] = {
             Size.XLARGE: 0.634,
         },
     },
+    # Azure: flexible servers (Burstable B1ms/B2s, General Purpose D2ds/D4ds v5),
+    # Azure Cache for Redis Basic C1-C4 (Standard runs a replica: the HA
+    # factor), Container Apps consumption (vCPU and GiB per second).
+    "azure": {
+        ResourceType.DATABASE: {
+            Size.SMALL: 0.025,
+            Size.MEDIUM: 0.07,
+            Size.LARGE: 0.178,
+            Size.XLARGE: 0.356,
+        },
+        ResourceType.CACHE: {
+            Size.SMALL: 0.055,
+            Size.MEDIUM: 0.11,
+            Size.LARGE: 0.225,
+            Size.XLARGE: 0.506,
+        },
+        ResourceType.SERVICE: {
+            Size.SMALL: 0.108,
+            Size.MEDIUM: 0.216,
+            Size.LARGE: 0.432,
+            Size.XLARGE: 0.864,
+        },
+    },
 }
 #: Per GB-month of provisioned storage.
 _STORAGE_GB_MONTH: dict[str, dict[ResourceType, float]] = {
     "aws": {ResourceType.DATABASE: 0.115, ResourceType.BUCKET: 0.023},
     "gcp": {ResourceType.DATABASE: 0.17, ResourceType.BUCKET: 0.020},
+    "azure": {ResourceType.DATABASE: 0.115, ResourceType.BUCKET: 0.0184},
 }
 #: Flat monthly figures for resources billed by use.
 _FLAT_MONTHLY: dict[str, dict[ResourceType, float]] = {
     "aws": {ResourceType.TOPIC: 10.0, ResourceType.BUCKET: 5.0},
     "gcp": {ResourceType.TOPIC: 10.0, ResourceType.BUCKET: 5.0},
+    # Service Bus Standard's base charge; blob operations.
+    "azure": {ResourceType.TOPIC: 9.81, ResourceType.BUCKET: 5.0},
 }
 #: Network egress estimate as a share of compute.
 _NETWORK_SHARE = 0.1

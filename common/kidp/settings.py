@@ -74,6 +74,21 @@ class Settings(BaseModel):
     # else through Entra ID; Key Vault holds the credentials.
     azure_storage_connection_string: str | None = Field(default=None, repr=False)
     azure_key_vault_url: str | None = None
+
+    # Azure (the provider): the subscription and resource group it provisions
+    # into (region = the Azure location), the ARM endpoint (a sovereign cloud's
+    # or a stand-in's) and the CA bundle to trust for it, how to get tokens
+    # ("default": DefaultAzureCredential; "emulator": the stand-in's fixed
+    # token, refused for anything but a loopback endpoint), and the Service Bus
+    # namespace and Container Apps environment (name or resource id) that
+    # topics and services go in.
+    azure_subscription_id: str | None = None
+    azure_resource_group: str | None = None
+    azure_arm_endpoint: str | None = None
+    azure_arm_ca_file: str | None = None
+    azure_credential: str = "default"
+    azure_servicebus_namespace: str | None = None
+    azure_containerapps_environment: str | None = None
     kube_context: str | None = None
     kube_storage_class: str | None = None
     kube_namespace_prefix: str = ""

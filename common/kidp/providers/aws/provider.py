@@ -384,8 +384,9 @@ class AwsProvider:
             ResourceType.SERVICE: {"": []},
         }
         if self.msk_cluster_arn:
-            # MSK topics are Kafka topics; other clouds' topic engines are theirs.
-            supported[ResourceType.TOPIC] = {"kafka": list(ENGINES[ResourceType.TOPIC]["kafka"])}
+            supported[ResourceType.TOPIC] = {
+                e: list(v) for e, v in ENGINES[ResourceType.TOPIC].items()
+            }
         return supported
 
     def identifier(self, deployment: Deployment) -> str:

@@ -37,6 +37,23 @@ RETRYABLE_CODES = frozenset(
 )
 
 
+#: Error codes for "this subscription has no room for it": quota, not a fault.
+QUOTA_CODES = frozenset(
+    {
+        "QuotaExceeded",
+        "ResourceQuotaExceeded",
+        "SubscriptionQuotaExceeded",
+        "RegionalQuotaExceeded",
+        "OperationNotAllowedQuotaExceeded",
+        "ServerQuotaExceeded",
+        "InsufficientCoreQuota",
+        "InsufficientVCoreQuota",
+        "MaxStorageAccountsCountPerSubscriptionExceeded",
+        "ManagedEnvironmentMaxCoresExceeded",
+    }
+)
+
+
 def http_status(exc: AzureError) -> int:
     """The HTTP status Azure answered ``exc`` with (0 when there was no answer)."""
     return int(getattr(exc, "status_code", None) or 0)
@@ -57,6 +74,22 @@ def error_code(exc: AzureError) -> str:
             if header:
                 return str(header)
     return "Unknown"
+
+
+def error_message(exc: AzureError, *, secrets: tuple[str, ...] = (), limit: int = 300) -> str:
+    """ARM's own explanation of a refusal (``error.message``), on one line, cut
+    at ``limit`` characters, with every one of ``secrets`` masked.
+
+    Only for management-plane answers: ARM explains a refusal without echoing
+    the request, but a refused parameter's value can be quoted, hence the mask."""
+    message = ""
+    if isinstance(exc, HttpResponseError) and exc.error is not None and exc.error.message:
+        message = str(exc.error.message)
+    text = " ".join(message.split())
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text[:limit]
 
 
 def retry_after(exc: AzureError, *, default: float = 1.0) -> float:

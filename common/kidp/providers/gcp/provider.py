@@ -36,7 +36,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from kidp import tags as tagging
-from kidp.catalog import ENGINES
+from kidp.catalog import ENGINES, PROVIDER_ENGINES
 from kidp.errors import (
     BrokerError,
     CloudUnavailable,
@@ -487,7 +487,9 @@ class GcpProvider:
             ResourceType.SERVICE: {"": []},
         }
         if self.topics:
-            supported[ResourceType.TOPIC] = {"pubsub": list(ENGINES[ResourceType.TOPIC]["pubsub"])}
+            supported[ResourceType.TOPIC] = {
+                "pubsub": list(PROVIDER_ENGINES[PROVIDER_NAME][ResourceType.TOPIC]["pubsub"])
+            }
         return supported
 
     def identifier(self, deployment: Deployment) -> str:

@@ -522,8 +522,7 @@ class KubernetesProvider:
                 for engine, versions in ENGINES[ResourceType.CACHE].items()
                 if engine in m.IMAGES
             },
-            # Strimzi makes Kafka topics; other clouds' topic engines are theirs.
-            ResourceType.TOPIC: {"kafka": list(ENGINES[ResourceType.TOPIC]["kafka"])},
+            ResourceType.TOPIC: {e: list(v) for e, v in ENGINES[ResourceType.TOPIC].items()},
             ResourceType.SERVICE: {"": []},
         }
 
