@@ -218,17 +218,36 @@ def test_a_bearer_token_is_required_and_plain_http_is_refused_by_the_sdk(
         plain.stop()
 
 
-def test_the_azure_starter_gives_settings_for_a_working_emulated_broker(tmp_path: Path) -> None:
+@pytest.mark.azurite
+def test_the_azure_starter_gives_settings_for_a_working_emulated_broker(
+    tmp_path: Path, azurite: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The azurite fixture proves Azurite is installed (or fails under CI=true);
+    # the starter runs one of its own, as serve --emulate does.
     cloud = start_azure(tmp_path)
     try:
-        settings = Settings(cloud="azure", **cloud.settings)
+        for name, value in cloud.environ.items():
+            assert value is not None
+            monkeypatch.setenv(name, value)
+        settings = Settings(state_dir=tmp_path / "state", **cloud.settings)
+        assert settings.cloud == "azure"
         assert settings.azure_credential == "emulator"
         assert Path(str(settings.azure_arm_ca_file)).is_file()
-        from kidp.bootstrap import build_provider
-        from kidp.observability import Metrics
+        from kidp.bootstrap import build
+        from kidp.queues.azurequeue import AzureStorageJobQueue
+        from kidp.secrets.keyvault import KeyVaultSecretStore
+        from kidp.stores.azuretable import TableDeploymentStore
 
-        provider = build_provider(settings, Metrics())
-        provider.check()
-        assert set(provider.supported()) == set(ResourceType)
+        broker = build(settings)
+        try:
+            service = broker.service
+            assert isinstance(service.store, TableDeploymentStore)
+            assert isinstance(service.queue, AzureStorageJobQueue)
+            assert isinstance(service.secrets, KeyVaultSecretStore)
+            ok, health = service.health()
+            assert ok, health
+            assert set(service.provider.supported()) == set(ResourceType)
+        finally:
+            broker.close()
     finally:
         cloud.stop()

@@ -63,6 +63,7 @@ HTTPS keeps that policy, and the client's certificate checks, in play.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
 import ipaddress
@@ -1564,18 +1565,44 @@ def seed_platform(arm: ArmEmulator, group: str = EMULATED_GROUP) -> dict[str, st
 
 
 def start_azure(state_dir: Path) -> EmulatedCloud:
-    """:data:`kidp.emulator.EMULATORS` starter for Azure's management plane: this
-    stand-in over HTTPS (its CA in ``state_dir``), with the platform's resource
-    group, Service Bus namespace and Container Apps environment in place.
-    Operations finish after a few seconds, as the broker polls every few."""
+    """:data:`kidp.emulator.EMULATORS` starter for Azure: this stand-in for the
+    management plane over HTTPS (its CA in ``state_dir``), with the platform's
+    resource group, Service Bus namespace and Container Apps environment in
+    place; Azurite for the store's table and the jobs queue; the Key Vault
+    stand-in for credentials, reached through a managed identity endpoint as
+    in a function app. Operations finish after a few seconds, as the broker
+    polls every few. Everything lives in memory and ends with ``stop``."""
+    from kidp.azurite import start_azurite
     from kidp.emulator import EmulatedCloud
+    from kidp.keyvault_emulator import start_keyvault
 
-    arm = start_arm_emulator(directory=state_dir / "arm", delay=3.0, polls=1_000_000)
-    settings: dict[str, Any] = {
-        **seed_platform(arm),
-        "azure_arm_endpoint": arm.url,
-        "azure_arm_ca_file": str(arm.ca_file),
-        "azure_credential": "emulator",
-        "region": arm.location,
-    }
-    return EmulatedCloud(provider="azure", settings=settings, stop=arm.stop)
+    started: list[Callable[[], None]] = []
+
+    def stop() -> None:
+        for each in reversed(started):
+            with contextlib.suppress(Exception):
+                each()
+
+    try:
+        arm = start_arm_emulator(directory=state_dir / "arm", delay=3.0, polls=1_000_000)
+        started.append(arm.stop)
+        azurite = start_azurite(log_file=state_dir / "azurite.log")
+        started.append(azurite.stop)
+        vault = start_keyvault()
+        started.append(vault.stop)
+        settings: dict[str, Any] = {
+            **seed_platform(arm),
+            "cloud": "azure",
+            "region": arm.location,
+            "azure_arm_endpoint": arm.url,
+            "azure_arm_ca_file": str(arm.ca_file),
+            "azure_credential": "emulator",
+            **azurite.broker_settings(),
+            "secret_store": "keyvault",
+            "azure_key_vault_url": vault.vault_url,
+        }
+    except BaseException:
+        stop()
+        raise
+    environ: dict[str, str | None] = dict(vault.environ())
+    return EmulatedCloud(provider="azure", settings=settings, environ=environ, stop=stop)

@@ -137,7 +137,9 @@ def _emulate(
     emulator = start_emulator_process(supervisor, provider)
     apply_environ(emulator.environ)
     overrides = dict(emulator.settings)
-    if "KIDP_STORE_URL" not in os.environ:
+    if "store_url" in overrides:
+        pass  # the emulated cloud brings its own store (Azure: a table on Azurite)
+    elif "KIDP_STORE_URL" not in os.environ:
         directory = emulated_dir(base.state_dir, provider)
         directory.mkdir(parents=True, exist_ok=True)
         for old in directory.glob("broker.db*"):
@@ -341,7 +343,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address the API listens on")
     serve.add_argument("--port", type=int, default=8082, help="port of the API (or the probes)")
     serve.add_argument(
-        "--provider", default=None, help="aws or onprem (default: KIDP_PROVIDER, else KIDP_CLOUD)"
+        "--provider",
+        default=None,
+        help="aws, azure, gcp or onprem (default: KIDP_PROVIDER, else KIDP_CLOUD)",
     )
     _emulate_flag(
         serve,
@@ -365,7 +369,9 @@ def parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     emulate = command("emulate", "run a provider's emulated cloud alone until stopped")
-    emulate.add_argument("--provider", default=None, help="aws or onprem (default: KIDP_CLOUD)")
+    emulate.add_argument(
+        "--provider", default=None, help="aws, azure, gcp or onprem (default: KIDP_CLOUD)"
+    )
     _supervision_flags(emulate)
     emulate.set_defaults(func=cmd_emulate)
 
@@ -418,7 +424,9 @@ def parser() -> argparse.ArgumentParser:
 
     scan = command("scan", "run one scan now and print its result as JSON")
     scan.add_argument("name", choices=["drift", "orphans", "cost", "rotation", "reconcile"])
-    scan.add_argument("--provider", default=None, help="aws or onprem (default: KIDP_CLOUD)")
+    scan.add_argument(
+        "--provider", default=None, help="aws, azure, gcp or onprem (default: KIDP_CLOUD)"
+    )
     _emulate_flag(scan, "use the running `serve --emulate`'s cloud and store")
     scan.set_defaults(func=cmd_scan)
 

@@ -60,6 +60,7 @@ class EmulatedCloud:
 EMULATORS: dict[str, str] = {
     "aws": "kidp.emulator:start_aws",
     "onprem": "kidp.kube_emulator:start_onprem",
+    "azure": "kidp.arm_emulator:start_azure",
     "gcp": "kidp.gcp_emulator:start_gcp",
 }
 

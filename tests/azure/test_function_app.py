@@ -14,9 +14,9 @@ invokes ``jobs`` with each, deletes a message whose function returned, makes
 one whose function raised visible again, and moves it to the poison queue
 when its dequeue count reached ``maxDequeueCount``.
 
-The cloud provider is one fixture, :func:`cloud`: the AWS provider on moto in
-process for now; any provider works that the broker can run (the Azure one
-once it lands), given a way to break its create call.
+The cloud is Azure too: the Azure provider through the real ``azure-mgmt-*``
+clients against the ARM stand-in (:mod:`kidp.arm_emulator`), in the fixture
+:func:`cloud`, with a switch that breaks its create call.
 """
 
 from __future__ import annotations
@@ -26,15 +26,16 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import boto3
 import pytest
 from azure.storage.queue import QueueClient, QueueMessage
 from tests.azuretools import Context, http_request, load_function_app, queue_message, timer_request
 from tests.conftest import azure_name, bearer_token
 
+from kidp.arm_emulator import ArmEmulatorCredential, seed_platform, start_arm_emulator
 from kidp.edges import azure as edge
 from kidp.keyvault_emulator import KeyVaultEmulator, start_keyvault
 from kidp.models import Job, JobKind
@@ -47,6 +48,8 @@ from kidp.work import OVER_DELIVERED
 pytestmark = pytest.mark.azurite
 
 JWT_SECRET = "j" * 48
+#: The resource group the broker provisions into.
+GROUP = "kidp"
 #: maxDequeueCount in these tests: a job runs at most twice.
 MAX_DELIVERIES = 3
 SECRET_NAME = "kidp--team-platform--orders-db-credentials"
@@ -67,29 +70,52 @@ class CloudUnderTest:
     break_creates: Callable[[type[BaseException] | None], None]
 
 
+class BreakableProvider:
+    """The provider under test, with a switch that makes its deploy raise (an
+    exception class: raised as the create call starts; ``None``: works)."""
+
+    def __init__(self, inner: CloudProvider) -> None:
+        self.inner = inner
+        self.breaks_with: type[BaseException] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def deploy(self, deployment: Any, tags: Any, credentials: Any) -> Any:
+        if self.breaks_with is not None:
+            raise self.breaks_with("injected")
+        return self.inner.deploy(deployment, tags, credentials)
+
+
 @pytest.fixture
-def cloud(aws: None) -> CloudUnderTest:
-    """The AWS provider on moto in process (RDS for databases)."""
-    from kidp.providers.aws import AwsProvider
+def cloud(tmp_path: Path) -> Iterator[CloudUnderTest]:
+    """The Azure provider on the ARM stand-in (a PostgreSQL flexible server per
+    database), through the real azure-mgmt clients."""
+    from kidp.providers.azure import AzureProvider
 
-    broken: dict[str, type[BaseException] | None] = {"with": None}
-
-    def create(**_: Any) -> None:
-        error = broken["with"]
-        if error is not None:
-            raise error("injected")
-
-    session = boto3.session.Session(region_name="us-east-1")
-    session.events.register("before-call.rds.CreateDBInstance", create)
+    arm = start_arm_emulator(directory=tmp_path / "arm", resource_groups=(GROUP,))
+    seed_platform(arm, GROUP)
+    provider = BreakableProvider(
+        AzureProvider(
+            subscription_id=arm.subscription_id,
+            resource_group=GROUP,
+            region=arm.location,
+            credential=ArmEmulatorCredential(),
+            base_url=arm.url,
+            connection_verify=str(arm.ca_file),
+            retry_backoff=0,
+        )
+    )
 
     def break_creates(error: type[BaseException] | None) -> None:
-        broken["with"] = error
+        provider.breaks_with = error
 
-    return CloudUnderTest(
-        provider=AwsProvider(region="us-east-1", session=session),
-        settings={"KIDP_CLOUD": "aws", "KIDP_REGION": "us-east-1"},
+    yield CloudUnderTest(
+        provider=provider,  # type: ignore[arg-type]
+        settings={"KIDP_CLOUD": "azure", "KIDP_REGION": arm.location},
         break_creates=break_creates,
     )
+    arm.stop()
 
 
 @pytest.fixture(scope="module")
