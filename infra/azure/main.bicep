@@ -21,6 +21,12 @@ param name string = 'kidp'
 @description('The resource group the broker provisions into (Contributor there, nothing elsewhere).')
 param managedResourceGroupName string = resourceGroup().name
 
+@description('Service Bus namespace (name in the managed group, or resource id) topics go in; empty: no topics.')
+param servicebusNamespace string = ''
+
+@description('Container Apps environment (name in the managed group, or resource id) services run in; empty: no services.')
+param containerAppsEnvironment string = ''
+
 @description('HS256 key of the bearer tokens (at least 32 bytes); empty when jwtJwksUrl is set.')
 @secure()
 param jwtSecret string = ''
@@ -358,6 +364,16 @@ var allowlistSetting = {
 }
 var jwtSettings = empty(jwtJwksUrl) ? [jwtSecretSetting] : [jwksSetting]
 var allowlistSettings = empty(callbackAllowlist) ? [] : [allowlistSetting]
+var servicebusSetting = {
+  name: 'KIDP_AZURE_SERVICEBUS_NAMESPACE'
+  value: servicebusNamespace
+}
+var containerAppsSetting = {
+  name: 'KIDP_AZURE_CONTAINERAPPS_ENVIRONMENT'
+  value: containerAppsEnvironment
+}
+var servicebusSettings = empty(servicebusNamespace) ? [] : [servicebusSetting]
+var containerAppsSettings = empty(containerAppsEnvironment) ? [] : [containerAppsSetting]
 
 var baseSettings = [
   // The host's own storage (and the queue trigger's connection), by identity.
@@ -398,6 +414,15 @@ var baseSettings = [
   {
     name: 'KIDP_REGION'
     value: location
+  }
+  // The provider: where it provisions (Contributor there, see modules/managed-access.bicep).
+  {
+    name: 'KIDP_AZURE_SUBSCRIPTION_ID'
+    value: subscription().subscriptionId
+  }
+  {
+    name: 'KIDP_AZURE_RESOURCE_GROUP'
+    value: managedResourceGroupName
   }
   {
     name: 'KIDP_STORE_URL'
@@ -481,7 +506,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       minTlsVersion: '1.2'
       ftpsState: 'Disabled'
       http20Enabled: true
-      appSettings: concat(baseSettings, jwtSettings, allowlistSettings)
+      appSettings: concat(baseSettings, jwtSettings, allowlistSettings, servicebusSettings, containerAppsSettings)
     }
   }
   dependsOn: [

@@ -41,6 +41,9 @@ REQUIRED = {
     "KIDP_AZURE_KEY_VAULT_URL",
     "KIDP_CALLBACK_SECRET",
     "KIDP_JOB_MAX_DELIVERIES",
+    # The provider's own: without them it cannot be built.
+    "KIDP_AZURE_SUBSCRIPTION_ID",
+    "KIDP_AZURE_RESOURCE_GROUP",
 }
 
 
@@ -75,7 +78,13 @@ def settings(template: dict[str, Any]) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for entry in variables["baseSettings"]["value"]:
         found[entry["name"]] = entry["value"]
-    for name in ("jwtSecretSetting", "jwksSetting", "allowlistSetting"):
+    for name in (
+        "jwtSecretSetting",
+        "jwksSetting",
+        "allowlistSetting",
+        "servicebusSetting",
+        "containerAppsSetting",
+    ):
         entry = variables[name]["value"]
         found[entry["name"]] = entry["value"]
     return found
