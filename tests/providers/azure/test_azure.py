@@ -44,6 +44,7 @@ from kidp.models import (
 )
 from kidp.ports import CloudProvider, Credentials
 from kidp.providers.azure import API_VERSIONS, AzureProvider
+from kidp.providers.azure.dataplane import default_credential
 from kidp.service import generate_password, secret_name
 
 PASSWORD = "Qx7-vQ2_mP9.tR4~wZ8nB3yL6hDkA5sJ0cE"
@@ -780,6 +781,7 @@ def test_the_whole_broker_provisions_to_ready_and_deletes_on_azure(
     vault = start_keyvault()
     for name, value in vault.environ().items():
         monkeypatch.setenv(name, value)
+    default_credential.forget()  # an earlier test's identity endpoint is gone
     # The provider is built by the composition root from KIDP_AZURE_* settings.
     h = make_broker(
         azure_key_vault_url=vault.vault_url,

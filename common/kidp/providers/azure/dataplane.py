@@ -75,6 +75,13 @@ class _CredentialHolder:
                 )
             return self._credential
 
+    def forget(self) -> None:
+        """Make the next use build a new credential: it reads the managed
+        identity endpoint from the environment once, when it is built (tests
+        start a new identity endpoint per stand-in)."""
+        with self._lock:
+            self._credential = None
+
 
 #: The process's credential, made on first use (no token is asked for until a
 #: client needs one).
