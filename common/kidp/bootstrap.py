@@ -163,9 +163,37 @@ def build_queue(settings: Settings, store: DeploymentStore) -> JobQueue:
             max_deliveries=settings.job_max_deliveries,
             dead_letter_queue_url=settings.aws_dead_letter_queue_url,
         )
+    if url.scheme == "pubsub":
+        return build_pubsub_queue(settings)
     raise ValidationFailed(
         f"KIDP_QUEUE_URL '{url.scheme}://{url.hostname or ''}' is not supported; use an SQS "
-        "queue URL or nats://host:4222/<stream>, or leave it unset for the store's own table"
+        "queue URL, nats://host:4222/<stream> or pubsub://<project>/<topic>, or leave it "
+        "unset for the store's own table"
+    )
+
+
+def build_pubsub_queue(settings: Settings) -> JobQueue:
+    """The Pub/Sub job queue, with Cloud Tasks for its delays (GCP)."""
+    from kidp.queues.cloudtasks import CloudTasksDelays
+    from kidp.queues.pubsub import PubSubJobQueue
+
+    if not settings.gcp_tasks_queue:
+        raise ValidationFailed(
+            "a Pub/Sub queue needs KIDP_GCP_TASKS_QUEUE (projects/<p>/locations/<l>/queues/<q>): "
+            "Pub/Sub has no per-message delay, so Cloud Tasks publishes delayed jobs"
+        )
+    assert settings.queue_url is not None
+    return PubSubJobQueue(
+        settings.queue_url,
+        subscription=settings.gcp_pubsub_subscription,
+        dead_letter_topic=settings.gcp_dead_letter_topic,
+        dead_letter_subscription=settings.gcp_dead_letter_subscription,
+        delays=CloudTasksDelays(
+            settings.gcp_tasks_queue,
+            service_account_email=settings.gcp_tasks_service_account,
+            endpoint=settings.gcp_tasks_endpoint,
+        ),
+        max_deliveries=settings.job_max_deliveries,
     )
 
 
@@ -179,7 +207,9 @@ def is_sqs_url(queue_url: str, settings: Settings) -> bool:
 
 def build_secrets(settings: Settings) -> SecretStore:
     """The secret store: the provider's own cloud store, or the local encrypted file."""
-    default = {"aws": "aws", "onprem": "kubernetes"}.get(settings.provider_name, "local")
+    default = {"aws": "aws", "onprem": "kubernetes", "gcp": "gcp"}.get(
+        settings.provider_name, "local"
+    )
     kind = settings.secret_store or default
     if kind == "kubernetes":
         from kidp.secrets.kubernetes import KubernetesSecretStore
@@ -193,13 +223,23 @@ def build_secrets(settings: Settings) -> SecretStore:
         from kidp.secrets.aws import SecretsManagerStore
 
         return SecretsManagerStore(region=settings.region, endpoint_url=settings.aws_endpoint_url)
+    if kind == "gcp":
+        from kidp.secrets.gcpsecretmanager import SecretManagerStore
+
+        if not settings.gcp_project:
+            raise ValidationFailed("KIDP_SECRET_STORE=gcp needs KIDP_GCP_PROJECT")
+        return SecretManagerStore(
+            settings.gcp_project,
+            endpoint=settings.gcp_secretmanager_endpoint,
+            tag_prefix=settings.tag_prefix,
+        )
     if kind == "local":
         from kidp.secrets.local import LocalSecretStore, load_or_create_key
 
         key = load_or_create_key(settings.state_dir / "secrets.key")
         return LocalSecretStore(settings.state_dir / "secrets.enc", key=key)
     raise ValidationFailed(
-        f"KIDP_SECRET_STORE '{kind}' is not supported; use aws, kubernetes or local"
+        f"KIDP_SECRET_STORE '{kind}' is not supported; use aws, gcp, kubernetes or local"
     )
 
 

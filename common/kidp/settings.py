@@ -59,6 +59,17 @@ class Settings(BaseModel):
     aws_cache_subnet_group: str | None = None
     aws_ecs_execution_role_arn: str | None = None
     aws_dead_letter_queue_url: str | None = None
+    # GCP: the project (Secret Manager), the Pub/Sub queue's subscriptions,
+    # Cloud Tasks for delayed jobs, and API endpoints for the local stand-ins.
+    gcp_project: str | None = None
+    gcp_pubsub_subscription: str | None = None
+    gcp_dead_letter_topic: str | None = None
+    gcp_dead_letter_subscription: str | None = None
+    gcp_tasks_queue: str | None = None
+    gcp_tasks_service_account: str | None = None
+    gcp_tasks_endpoint: str | None = None
+    gcp_secretmanager_endpoint: str | None = None
+    gcp_sqladmin_endpoint: str | None = None
     kube_context: str | None = None
     kube_storage_class: str | None = None
     kube_namespace_prefix: str = ""

@@ -34,6 +34,7 @@ from typing import Any, Final
 from google.api_core import exceptions as api_exceptions
 
 from kidp.errors import StoreUnavailable
+from kidp.providers.gcp.endpoints import credentials_for
 from kidp.providers.gcp.errors import CLIENT_ERRORS, broker_error
 
 __all__ = ["PUBSUB_API", "PUBSUB_SCOPE", "CloudTasksDelays"]
@@ -50,7 +51,8 @@ class CloudTasksDelays:
 
     ``client`` injects a ``google.cloud.tasks_v2.CloudTasksClient``; otherwise
     one is made over REST with ``credentials`` (Application Default
-    Credentials when None) and ``endpoint`` (a stand-in's URL in tests).
+    Credentials when None) and ``endpoint`` (a stand-in's URL in tests; see
+    :func:`~kidp.providers.gcp.endpoints.credentials_for`).
     ``service_account_email`` is the identity Cloud Tasks calls Pub/Sub as;
     it needs ``roles/pubsub.publisher`` on the topic, and whoever creates the
     tasks needs ``roles/iam.serviceAccountUser`` on it.
@@ -71,7 +73,7 @@ class CloudTasksDelays:
         self.queue = queue
         self.service_account_email = service_account_email
         self._client = client
-        self._credentials = credentials
+        self._credentials = credentials_for(endpoint, credentials)
         self._endpoint = endpoint
 
     def __repr__(self) -> str:

@@ -215,7 +215,7 @@ class PubSubJobQueue:
     def publisher(self) -> Any:
         """The publisher client, created on first use."""
         if self._publisher is None:
-            import google.cloud.pubsub_v1 as pubsub_v1
+            from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # no py.typed
 
             # One message per request: a job is published when enqueue returns,
             # not when a batch fills or its timer fires.
@@ -229,7 +229,7 @@ class PubSubJobQueue:
     def subscriber(self) -> Any:
         """The subscriber client, created on first use."""
         if self._subscriber is None:
-            import google.cloud.pubsub_v1 as pubsub_v1
+            from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # no py.typed
 
             self._subscriber = pubsub_v1.SubscriberClient(credentials=self._credentials)
         return self._subscriber
