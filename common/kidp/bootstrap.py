@@ -111,6 +111,12 @@ def build_provider(settings: Settings, metrics: Metrics) -> CloudProvider:
 
 def build_store(settings: Settings) -> DeploymentStore:
     """The deployment store named by ``KIDP_STORE_URL``."""
+    if urlparse(settings.store_url).scheme == "postgresql+cloudsql":
+        from kidp.stores.cloudsql import CloudSqlDeploymentStore
+
+        return CloudSqlDeploymentStore(
+            settings.store_url, admin_endpoint=settings.gcp_sqladmin_endpoint
+        )
     scheme = urlparse(settings.store_url).scheme.split("+")[0]
     if scheme in ("sqlite", "postgresql", "postgres"):
         from kidp.stores.sql import SqlDeploymentStore
@@ -130,7 +136,7 @@ def build_store(settings: Settings) -> DeploymentStore:
         )
     raise ValidationFailed(
         f"KIDP_STORE_URL scheme '{scheme}' is not supported; "
-        "use sqlite:///, postgresql:// or dynamodb://"
+        "use sqlite:///, postgresql://, postgresql+cloudsql:// or dynamodb://"
     )
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.stores.cloudsql_backend import cloudsql_database, cloudsql_emulator
 from tests.stores.sql_backends import SQL_BACKENDS, sql_url
 
 from kidp.models import (
@@ -27,7 +28,10 @@ from kidp.models import (
 )
 from kidp.ports import DeploymentStore
 
-BACKENDS = [*SQL_BACKENDS, "dynamodb"]
+# GCP: the Cloud SQL connector through its stand-in, in front of PostgreSQL.
+__all__ = ["cloudsql_database", "cloudsql_emulator"]  # fixtures, imported for pytest
+
+BACKENDS = [*SQL_BACKENDS, "dynamodb", pytest.param("cloudsql", marks=pytest.mark.postgres)]
 
 # moto's in-process DynamoDB applies a transaction as check-then-write with
 # no lock, and rolls back by restoring a copy of the whole table, so two
@@ -107,6 +111,14 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Deployment
     """An empty store: a SQLite file, a fresh PostgreSQL database or a moto table."""
     if request.param == "dynamodb":
         yield request.getfixturevalue("dynamodb_store")
+        return
+    if request.param == "cloudsql":
+        from kidp.stores.cloudsql import CloudSqlDeploymentStore
+
+        database = request.getfixturevalue("cloudsql_database")
+        cloudsql = CloudSqlDeploymentStore(database.url, admin_endpoint=database.admin_endpoint)
+        yield cloudsql
+        cloudsql.close()
         return
     from kidp.stores.sql import SqlDeploymentStore
 
