@@ -81,6 +81,8 @@ class CloudTasksEmulator(GoogleApiServer):
         self.routes = dict(routes or {})
         self.retry_seconds = retry_seconds
         self.max_attempts = max_attempts
+        #: Seconds this stand-in's clock runs ahead of the real one (see advance()).
+        self.offset = 0.0
         self.queues: dict[str, dict[str, Any]] = {}
         self.tasks: dict[str, _Task] = {}
         #: Names of finished tasks: Cloud Tasks refuses to reuse a name for a while.
@@ -89,6 +91,8 @@ class CloudTasksEmulator(GoogleApiServer):
         self.faults: list[int] = []
         #: (task name, status or error) of every dispatch, in order.
         self.dispatched: list[tuple[str, int | str]] = []
+        #: Every task created, with the delay it was created with (seconds).
+        self.created: list[tuple[str, float]] = []
         self._heap: list[tuple[float, int, str]] = []
         self._order = itertools.count()
         self._wake = threading.Condition(self.lock)
@@ -113,6 +117,17 @@ class CloudTasksEmulator(GoogleApiServer):
             self._wake.notify_all()
         super().stop()
         self._dispatcher.join(timeout=5)
+
+    def now(self) -> float:
+        """Epoch seconds as this stand-in sees them."""
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass inside the stand-in (and only there): tasks due
+        by then are dispatched at once. Tests use it as they move SQS's clock."""
+        with self._wake:
+            self.offset += seconds
+            self._wake.notify_all()
 
     def add_queue(self, name: str) -> None:
         """Create the queue ``projects/<p>/locations/<l>/queues/<q>`` (as Terraform would)."""
@@ -168,10 +183,11 @@ class CloudTasksEmulator(GoogleApiServer):
             due = (
                 parse_timestamp(spec["scheduleTime"]).timestamp()
                 if spec.get("scheduleTime")
-                else time.time()
+                else self.now()
             )
             task = _Task(name=name, due=due, request=dict(http), created=time.time())
             self.tasks[name] = task
+            self.created.append((name, due - time.time()))
             heapq.heappush(self._heap, (due, next(self._order), name))
             self._wake.notify_all()
             return 200, task.view()
@@ -202,8 +218,8 @@ class CloudTasksEmulator(GoogleApiServer):
     def _dispatch_loop(self) -> None:
         while True:
             with self._wake:
-                while self._running and (not self._heap or self._heap[0][0] > time.time()):
-                    timeout = self._heap[0][0] - time.time() if self._heap else None
+                while self._running and (not self._heap or self._heap[0][0] > self.now()):
+                    timeout = self._heap[0][0] - self.now() if self._heap else None
                     self._wake.wait(timeout=timeout)
                 if not self._running:
                     return
@@ -226,7 +242,7 @@ class CloudTasksEmulator(GoogleApiServer):
                     self.tasks.pop(name, None)
                     self.tombstones.add(name)
                 elif name in self.tasks:
-                    task.due = time.time() + self.retry_seconds
+                    task.due = self.now() + self.retry_seconds
                     heapq.heappush(self._heap, (task.due, next(self._order), name))
 
     def _send(self, task: _Task) -> int | str:
