@@ -96,39 +96,27 @@ def create_topology(
     dead_letter_after: int = 5,
     push_endpoint: str | None = None,
 ) -> Topology:
-    """The job topic, its subscription (pull, or push to ``push_endpoint``)
-    whose dead-letter policy moves a message after ``dead_letter_after``
-    deliveries, the dead-letter topic and its subscription, and the Cloud
-    Tasks queue: what ``infra/gcp`` declares."""
-    from google.cloud import pubsub_v1
+    """What ``infra/gcp`` declares for the job queue (through
+    :func:`kidp.gcp_platform_emulator.declare_job_queue`), whose dead-letter
+    policy moves a message after ``dead_letter_after`` deliveries, plus the
+    Cloud Tasks queue."""
+    from kidp.gcp_platform_emulator import declare_job_queue
 
-    publisher = pubsub_v1.PublisherClient()
-    subscriber = pubsub_v1.SubscriberClient()
-    topic = publisher.create_topic(name=f"projects/{project}/topics/{TOPIC}").name
-    dead = publisher.create_topic(name=f"projects/{project}/topics/{TOPIC}-dead").name
-    dead_sub = subscriber.create_subscription(
-        name=f"projects/{project}/subscriptions/{TOPIC}-dead", topic=dead
-    ).name
-    request: dict[str, Any] = {
-        "name": f"projects/{project}/subscriptions/{TOPIC}-worker",
-        "topic": topic,
-        "ack_deadline_seconds": 30,
-        "dead_letter_policy": {
-            "dead_letter_topic": dead,
-            "max_delivery_attempts": dead_letter_after,
-        },
-    }
-    if push_endpoint:
-        request["push_config"] = {"push_endpoint": push_endpoint}
-    subscription = subscriber.create_subscription(request=request).name
+    declared = declare_job_queue(
+        project,
+        topic=TOPIC,
+        max_deliveries=dead_letter_after,
+        push_endpoint=push_endpoint,
+        ack_deadline_seconds=30,
+    )
     tasks_queue = f"projects/{project}/locations/{LOCATION}/queues/kidp-delays"
     cloudtasks.add_queue(tasks_queue)
     return Topology(
         project=project,
-        topic=topic,
-        subscription=subscription,
-        dead_letter_topic=dead,
-        dead_letter_subscription=dead_sub,
+        topic=declared.topic,
+        subscription=declared.subscription,
+        dead_letter_topic=declared.dead_letter_topic,
+        dead_letter_subscription=declared.dead_letter_subscription,
         tasks_queue=tasks_queue,
         tasks_endpoint=cloudtasks.url,
     )
