@@ -76,13 +76,20 @@ class FaultyProvider:
         self.on_deploy: BaseException | None = None
         #: How many ``deploy`` calls raise it (None: all).
         self.times: int | None = None
+        #: Raised once right after the cloud accepted a ``deploy``: the
+        #: resource exists, and the function dies before it records it.
+        self.after_deploy: BaseException | None = None
 
     def deploy(self, *args: Any, **kwargs: Any) -> Any:
         if self.on_deploy is not None and (self.times is None or self.times > 0):
             if self.times is not None:
                 self.times -= 1
             raise self.on_deploy
-        return self.inner.deploy(*args, **kwargs)
+        resource = self.inner.deploy(*args, **kwargs)
+        if self.after_deploy is not None:
+            crash, self.after_deploy = self.after_deploy, None
+            raise crash
+        return resource
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -508,6 +515,24 @@ def test_the_same_message_delivered_three_times_makes_one_resource_and_one_ready
     assert len(gcf.cloud.resources()) == 1
     assert gcf.phases() == ["Provisioning", "Ready"]
     assert gcf.phase(deployment_id) == "Ready"
+
+
+def test_a_function_killed_after_the_cloud_created_the_resource_adopts_it_on_redelivery(
+    gcf: Functions,
+) -> None:
+    gcf.cloud.provider.after_deploy = Killed()
+    deployment_id = gcf.provision()
+    (received,) = gcf.pull()
+    assert gcf.deliver(received) == 0  # died mid-provision: nothing recorded, no answer
+    assert len(gcf.cloud.resources()) == 1
+    assert gcf.receiver.log == []
+
+    gcf.drain()  # Pub/Sub delivers it again (attempt 2)
+
+    assert gcf.answers[1] == 200
+    assert len(gcf.cloud.resources()) == 1  # adopted by its tags, not made twice
+    assert gcf.phase(deployment_id) == "Ready"
+    assert gcf.phases() == ["Provisioning", "Ready"]
 
 
 def test_a_poison_job_fails_its_deployment_lands_in_the_dead_letter_topic_and_redrives(
