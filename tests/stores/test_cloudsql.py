@@ -120,7 +120,7 @@ def test_an_unknown_instance_is_a_store_outage_that_names_it(
     assert "HTTP 404" in cause and "kidp-test:us-central1:gone" in cause
 
 
-def test_an_admin_api_outage_is_temporary_and_the_store_recovers(
+def test_an_admin_api_refusal_is_temporary_and_the_store_recovers(
     cloudsql_database: CloudSqlDatabase, cloudsql_emulator: CloudSqlEmulator
 ) -> None:
     store = CloudSqlDeploymentStore(
@@ -130,10 +130,12 @@ def test_an_admin_api_outage_is_temporary_and_the_store_recovers(
         store.engine.dispose()  # the next call needs a new connection, hence the Admin API
         store._connector.close()
         store._connector = _fresh_connector(cloudsql_database.admin_endpoint)
-        cloudsql_emulator.admin.outage = 503
+        cloudsql_emulator.admin.outage = (
+            429  # a 5xx would be retried by the connector for seconds first
+        )
         with pytest.raises(StoreUnavailable) as caught:
             store.check()
-        assert "HTTP 503" in str(caught.value.__cause__)
+        assert "HTTP 429" in str(caught.value.__cause__)
         cloudsql_emulator.admin.outage = None
         store.check()
     finally:
