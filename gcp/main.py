@@ -10,13 +10,14 @@ What each function does and reads: :mod:`kidp.edges.gcp`.
 
 from __future__ import annotations
 
-from typing import Any
-
-import flask
-from cloudevents.http.event import CloudEvent
-from starlette.requests import Request
+from typing import TYPE_CHECKING, Any
 
 from kidp.edges import gcp as edge
+
+if TYPE_CHECKING:
+    import flask
+    from cloudevents.http.event import CloudEvent
+    from starlette.requests import Request
 
 
 @edge.asgi_http_function
