@@ -71,6 +71,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
@@ -404,22 +405,16 @@ class RetryLater(Exception):
     scheduled."""
 
 
+@dataclass(frozen=True)
 class PubSubMessage:
-    """A pushed Pub/Sub message, however it arrived."""
+    """A pushed Pub/Sub message, however it arrived; ``delivery_attempt`` is
+    None when Pub/Sub did not count (no dead-letter policy)."""
 
-    def __init__(
-        self,
-        data: bytes,
-        attributes: dict[str, str],
-        message_id: str,
-        delivery_attempt: int | None,
-        subscription: str,
-    ) -> None:
-        self.data = data
-        self.attributes = attributes
-        self.message_id = message_id
-        self.delivery_attempt = delivery_attempt
-        self.subscription = subscription
+    data: bytes
+    attributes: dict[str, str]
+    message_id: str
+    delivery_attempt: int | None
+    subscription: str
 
 
 def pubsub_message(
