@@ -35,6 +35,7 @@ from kidp.ports import DeadJobQueue, Delivery
 from kidp.queues.cloudtasks import PUBSUB_SCOPE, CloudTasksDelays
 from kidp.queues.pubsub import (
     ATTR_ATTEMPTS_BEFORE,
+    MAX_DELIVERIES_REASON,
     PubSubDelivery,
     PubSubJobQueue,
     parse_pubsub_url,
@@ -148,7 +149,10 @@ class TestPubSubJobQueueContract(QueueContract):
       ``enqueue_receive_ack``, ``dead_letter_keeps_the_job_with_its_reason``
       (covered below by reading the dead-letter topic instead).
     * Order: without ordering keys Pub/Sub does not order messages
-      (``receive_takes_jobs_in_order_up_to_max``).
+      (``receive_takes_jobs_in_order_up_to_max``, and
+      ``max_deliveries_moves_the_job_to_dead``, which takes one job at a time
+      and expects the poison job before the healthy one; the limit itself is
+      checked below with one job).
     * Deduplication by job id: a publish is a new message whatever its data
       (``enqueue_is_idempotent_by_job_id``,
       ``enqueue_while_leased_runs_the_job_again_after_ack``).
@@ -164,6 +168,7 @@ class TestPubSubJobQueueContract(QueueContract):
     test_enqueue_is_idempotent_by_job_id = None  # type: ignore[assignment]
     test_enqueue_while_leased_runs_the_job_again_after_ack = None  # type: ignore[assignment]
     test_expired_lease_is_redelivered_and_the_stale_receipt_is_ignored = None  # type: ignore[assignment]
+    test_max_deliveries_moves_the_job_to_dead = None  # type: ignore[assignment]
 
 
 # ------------------------------------------------------------------- publishing
@@ -349,6 +354,19 @@ def test_the_subscriptions_own_dead_letter_policy_is_the_backstop(
     assert moved.reason == "moved by the subscription's dead-letter policy"
     assert moved.attempts == 5
     assert isinstance(queue, DeadJobQueue)
+
+
+def test_a_job_over_max_deliveries_is_dead_lettered_with_the_reason(
+    queue: PubSubJobQueue,
+) -> None:
+    queue.enqueue(job(1))
+    for attempt in (1, 2, 3):
+        (delivery,) = take(queue)
+        assert delivery.attempt == attempt
+        time.sleep(LEASE + SLACK)  # the worker crashes every time
+    # The fourth delivery would exceed max_deliveries=3: dead instead.
+    assert take(queue) == []
+    assert queue.dead_jobs() == [(job(1), MAX_DELIVERIES_REASON)]
 
 
 # ----------------------------------------------------------------------- errors
