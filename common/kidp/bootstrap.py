@@ -150,6 +150,12 @@ def build_provider(settings: Settings, metrics: Metrics) -> CloudProvider:
 
 def build_store(settings: Settings) -> DeploymentStore:
     """The deployment store named by ``KIDP_STORE_URL``."""
+    if urlparse(settings.store_url).scheme == "postgresql+cloudsql":
+        from kidp.stores.cloudsql import CloudSqlDeploymentStore
+
+        return CloudSqlDeploymentStore(
+            settings.store_url, admin_endpoint=settings.gcp_sqladmin_endpoint
+        )
     scheme = urlparse(settings.store_url).scheme.split("+")[0]
     if scheme in ("sqlite", "postgresql", "postgres"):
         from kidp.stores.sql import SqlDeploymentStore
@@ -175,7 +181,7 @@ def build_store(settings: Settings) -> DeploymentStore:
         )
     raise ValidationFailed(
         f"KIDP_STORE_URL scheme '{scheme}' is not supported; "
-        "use sqlite:///, postgresql://, dynamodb:// or azuretable://"
+        "use sqlite:///, postgresql://, postgresql+cloudsql://, dynamodb:// or azuretable://"
     )
 
 
@@ -216,10 +222,38 @@ def build_queue(settings: Settings, store: DeploymentStore) -> JobQueue:
             connection_string=settings.azure_storage_connection_string,
             max_deliveries=settings.job_max_deliveries,
         )
+    if url.scheme == "pubsub":
+        return build_pubsub_queue(settings)
     raise ValidationFailed(
         f"KIDP_QUEUE_URL '{url.scheme}://{url.hostname or ''}' is not supported; use an SQS "
-        "queue URL, nats://host:4222/<stream> or azurequeue://<account>/<queue>, or leave it "
+        "queue URL, nats://host:4222/<stream>, azurequeue://<account>/<queue> or "
+        "pubsub://<project>/<topic>, or leave it "
         "unset for the store's own table"
+    )
+
+
+def build_pubsub_queue(settings: Settings) -> JobQueue:
+    """The Pub/Sub job queue, with Cloud Tasks for its delays (GCP)."""
+    from kidp.queues.cloudtasks import CloudTasksDelays
+    from kidp.queues.pubsub import PubSubJobQueue
+
+    if not settings.gcp_tasks_queue:
+        raise ValidationFailed(
+            "a Pub/Sub queue needs KIDP_GCP_TASKS_QUEUE (projects/<p>/locations/<l>/queues/<q>): "
+            "Pub/Sub has no per-message delay, so Cloud Tasks publishes delayed jobs"
+        )
+    assert settings.queue_url is not None
+    return PubSubJobQueue(
+        settings.queue_url,
+        subscription=settings.gcp_pubsub_subscription,
+        dead_letter_topic=settings.gcp_dead_letter_topic,
+        dead_letter_subscription=settings.gcp_dead_letter_subscription,
+        delays=CloudTasksDelays(
+            settings.gcp_tasks_queue,
+            service_account_email=settings.gcp_tasks_service_account,
+            endpoint=settings.gcp_tasks_endpoint,
+        ),
+        max_deliveries=settings.job_max_deliveries,
     )
 
 
@@ -233,7 +267,7 @@ def is_sqs_url(queue_url: str, settings: Settings) -> bool:
 
 def build_secrets(settings: Settings) -> SecretStore:
     """The secret store: the provider's own cloud store, or the local encrypted file."""
-    default = {"aws": "aws", "onprem": "kubernetes", "azure": "keyvault"}.get(
+    default = {"aws": "aws", "onprem": "kubernetes", "azure": "keyvault", "gcp": "gcp"}.get(
         settings.provider_name, "local"
     )
     kind = settings.secret_store or default
@@ -258,13 +292,23 @@ def build_secrets(settings: Settings) -> SecretStore:
                 "https://<vault>.vault.azure.net/"
             )
         return KeyVaultSecretStore(settings.azure_key_vault_url, tag_prefix=settings.tag_prefix)
+    if kind == "gcp":
+        from kidp.secrets.gcpsecretmanager import SecretManagerStore
+
+        if not settings.gcp_project:
+            raise ValidationFailed("KIDP_SECRET_STORE=gcp needs KIDP_GCP_PROJECT")
+        return SecretManagerStore(
+            settings.gcp_project,
+            endpoint=settings.gcp_secretmanager_endpoint,
+            tag_prefix=settings.tag_prefix,
+        )
     if kind == "local":
         from kidp.secrets.local import LocalSecretStore, load_or_create_key
 
         key = load_or_create_key(settings.state_dir / "secrets.key")
         return LocalSecretStore(settings.state_dir / "secrets.enc", key=key)
     raise ValidationFailed(
-        f"KIDP_SECRET_STORE '{kind}' is not supported; use aws, kubernetes, keyvault or local"
+        f"KIDP_SECRET_STORE '{kind}' is not supported; use aws, gcp, keyvault, kubernetes or local"
     )
 
 

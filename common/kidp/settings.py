@@ -89,6 +89,17 @@ class Settings(BaseModel):
     azure_credential: str = "default"
     azure_servicebus_namespace: str | None = None
     azure_containerapps_environment: str | None = None
+
+    # GCP data plane: the Pub/Sub queue's subscriptions,
+    # Cloud Tasks for delayed jobs, and API endpoints for the local stand-ins.
+    gcp_pubsub_subscription: str | None = None
+    gcp_dead_letter_topic: str | None = None
+    gcp_dead_letter_subscription: str | None = None
+    gcp_tasks_queue: str | None = None
+    gcp_tasks_service_account: str | None = None
+    gcp_tasks_endpoint: str | None = None
+    gcp_secretmanager_endpoint: str | None = None
+    gcp_sqladmin_endpoint: str | None = None
     kube_context: str | None = None
     kube_storage_class: str | None = None
     kube_namespace_prefix: str = ""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.stores.cloudsql_backend import cloudsql_database, cloudsql_emulator
 from tests.stores.sql_backends import SQL_BACKENDS, sql_url
 
 from kidp.models import (
@@ -28,7 +29,15 @@ from kidp.models import (
 )
 from kidp.ports import DeploymentStore
 
-BACKENDS = [*SQL_BACKENDS, "dynamodb", pytest.param("azuretable", marks=pytest.mark.azurite)]
+# GCP: the Cloud SQL connector through its stand-in, in front of PostgreSQL.
+__all__ = ["cloudsql_database", "cloudsql_emulator"]  # fixtures, imported for pytest
+
+BACKENDS = [
+    *SQL_BACKENDS,
+    "dynamodb",
+    pytest.param("azuretable", marks=pytest.mark.azurite),
+    pytest.param("cloudsql", marks=pytest.mark.postgres),
+]
 
 # moto's in-process DynamoDB applies a transaction as check-then-write with
 # no lock, and rolls back by restoring a copy of the whole table, so two
@@ -121,13 +130,21 @@ def azure_table_store(azurite: Any) -> Iterator[Any]:
 
 @pytest.fixture(params=BACKENDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DeploymentStore]:
-    """An empty store: a SQLite file, a fresh PostgreSQL database, a moto table
-    or an Azurite table."""
+    """An empty store: a SQLite file, a fresh PostgreSQL database, a moto table,
+    an Azurite table, or PostgreSQL through the Cloud SQL connector."""
     if request.param == "dynamodb":
         yield request.getfixturevalue("dynamodb_store")
         return
     if request.param == "azuretable":
         yield request.getfixturevalue("azure_table_store")
+        return
+    if request.param == "cloudsql":
+        from kidp.stores.cloudsql import CloudSqlDeploymentStore
+
+        database = request.getfixturevalue("cloudsql_database")
+        cloudsql = CloudSqlDeploymentStore(database.url, admin_endpoint=database.admin_endpoint)
+        yield cloudsql
+        cloudsql.close()
         return
     from kidp.stores.sql import SqlDeploymentStore
 

@@ -19,6 +19,16 @@ from typing import Any
 from google.api_core import exceptions as api_exceptions
 from google.auth import exceptions as auth_exceptions
 
+from kidp.errors import BrokerError, CloudUnavailable, PermanentError, TemporaryError
+
+#: What a Google client call raises when the call itself fails: catch these
+#: (never ``Exception``, which would turn a bug into a "cloud error").
+CLIENT_ERRORS: tuple[type[BaseException], ...] = (
+    api_exceptions.GoogleAPIError,
+    auth_exceptions.GoogleAuthError,
+    OSError,
+)
+
 #: Statuses worth retrying: request timeout, conflict on a busy resource is
 #: *not* one of them (409 means it exists), throttling and server faults are.
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -125,7 +135,9 @@ def is_temporary(exc: BaseException) -> bool:
         return True
     if isinstance(exc, auth_exceptions.RefreshError) and getattr(exc, "retryable", False):
         return True
-    if isinstance(exc, (ConnectionError, TimeoutError, *_transport_errors())):
+    # Sockets' errors and requests' (the REST transports) are all OSErrors:
+    # the call got no answer at all.
+    if isinstance(exc, (OSError, *_transport_errors())):
         return True
     return http_status(exc) in RETRYABLE_STATUSES
 
@@ -138,3 +150,22 @@ def describe(exc: BaseException, *, service: str, operation: str) -> str:
     if status == 0:
         return f"{service} {operation}: no answer ({type(exc).__name__})"
     return f"{service} {operation}: HTTP {status} {reason(exc)}"
+
+
+def broker_error(
+    exc: BaseException,
+    *,
+    service: str,
+    operation: str,
+    temporary: type[TemporaryError] = CloudUnavailable,
+    retry_after: float = 5.0,
+) -> BrokerError:
+    """``exc`` as the broker error that says how to retry: ``temporary`` (a
+    store or queue adapter passes ``StoreUnavailable``) when
+    :func:`is_temporary`, else a ``PermanentError`` carrying the status and
+    Google's reason. Raise it ``from None``: the client's exception may quote
+    the request, and a request can carry a secret."""
+    text = describe(exc, service=service, operation=operation)
+    if is_temporary(exc):
+        return temporary(text, retry_after=retry_after)
+    return PermanentError(text, details={"gcpStatus": http_status(exc), "gcpReason": reason(exc)})

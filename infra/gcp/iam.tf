@@ -1,0 +1,225 @@
+# One service account per function, plus one per Google service that calls
+# into the broker (Pub/Sub push, Cloud Scheduler, Cloud Tasks), each with only
+# what its job needs. Every grant is on the resource it concerns, except the
+# provider's roles and the Cloud SQL client roles, which IAM offers per
+# project only.
+
+resource "google_service_account" "function" {
+  for_each     = local.functions
+  account_id   = "${var.name}-${each.key}"
+  display_name = "KIDP broker: the ${each.key} function"
+  description  = each.value.description
+}
+
+resource "google_service_account" "tasks" {
+  account_id   = "${var.name}-tasks"
+  display_name = "KIDP broker: Cloud Tasks publishing delayed jobs"
+}
+
+resource "google_service_account" "push" {
+  account_id   = "${var.name}-push"
+  display_name = "KIDP broker: Pub/Sub pushing jobs to the jobs function"
+}
+
+resource "google_service_account" "scheduler" {
+  account_id   = "${var.name}-scheduler"
+  display_name = "KIDP broker: Cloud Scheduler calling the scan function"
+}
+
+# ------------------------------------------------------------------ store
+
+resource "google_project_iam_member" "sql_client" {
+  for_each = local.functions
+  project  = var.project_id
+  role     = "roles/cloudsql.client"
+  member   = google_service_account.function[each.key].member
+}
+
+resource "google_project_iam_member" "sql_login" {
+  for_each = local.functions
+  project  = var.project_id
+  role     = "roles/cloudsql.instanceUser"
+  member   = google_service_account.function[each.key].member
+}
+
+# ------------------------------------------------------------------ queue
+
+# Every function enqueues (the api accepts, the jobs chain, the scans
+# reconcile, the dlq redrives) and checks the topic in /health.
+resource "google_pubsub_topic_iam_member" "jobs_publisher" {
+  for_each = local.functions
+  topic    = google_pubsub_topic.jobs.id
+  role     = "roles/pubsub.publisher"
+  member   = google_service_account.function[each.key].member
+}
+
+resource "google_pubsub_topic_iam_member" "jobs_viewer" {
+  for_each = local.functions
+  topic    = google_pubsub_topic.jobs.id
+  role     = "roles/pubsub.viewer"
+  member   = google_service_account.function[each.key].member
+}
+
+resource "google_pubsub_topic_iam_member" "tasks_publisher" {
+  topic  = google_pubsub_topic.jobs.id
+  role   = "roles/pubsub.publisher"
+  member = google_service_account.tasks.member
+}
+
+# The jobs function dead-letters what it gives up on; the dlq function reads
+# the dead-letter subscription and acknowledges what it redrives.
+resource "google_pubsub_topic_iam_member" "dead_publisher" {
+  topic  = google_pubsub_topic.dead.id
+  role   = "roles/pubsub.publisher"
+  member = google_service_account.function["jobs"].member
+}
+
+resource "google_pubsub_subscription_iam_member" "dead_reader" {
+  subscription = google_pubsub_subscription.dead.id
+  role         = "roles/pubsub.subscriber"
+  member       = google_service_account.function["dlq"].member
+}
+
+# Pub/Sub's own agent moves messages to the dead-letter topic: it must publish
+# there and read the subscription they leave.
+resource "google_pubsub_topic_iam_member" "agent_dead_publisher" {
+  topic  = google_pubsub_topic.dead.id
+  role   = "roles/pubsub.publisher"
+  member = local.pubsub_agent
+}
+
+resource "google_pubsub_subscription_iam_member" "agent_jobs_subscriber" {
+  subscription = google_pubsub_subscription.jobs.id
+  role         = "roles/pubsub.subscriber"
+  member       = local.pubsub_agent
+}
+
+# ------------------------------------------------------------ delayed jobs
+
+resource "google_cloud_tasks_queue_iam_member" "enqueuer" {
+  for_each = local.functions
+  name     = google_cloud_tasks_queue.delays.id
+  location = var.region
+  role     = "roles/cloudtasks.enqueuer"
+  member   = google_service_account.function[each.key].member
+}
+
+resource "google_cloud_tasks_queue_iam_member" "viewer" {
+  for_each = local.functions
+  name     = google_cloud_tasks_queue.delays.id
+  location = var.region
+  role     = "roles/cloudtasks.viewer"
+  member   = google_service_account.function[each.key].member
+}
+
+# A task that carries the tasks account's token may be created only by those
+# who may act as it: on that account, not on the project.
+resource "google_service_account_iam_member" "act_as_tasks" {
+  for_each           = local.functions
+  service_account_id = google_service_account.tasks.name
+  role               = "roles/iam.serviceAccountUser"
+  member             = google_service_account.function[each.key].member
+}
+
+# Google's agents mint the tokens of the accounts they call as (older
+# projects do not grant this by themselves).
+resource "google_service_account_iam_member" "tasks_agent_token" {
+  service_account_id = google_service_account.tasks.name
+  role               = "roles/iam.serviceAccountTokenCreator"
+  member             = local.tasks_agent
+}
+
+resource "google_service_account_iam_member" "pubsub_agent_token" {
+  service_account_id = google_service_account.push.name
+  role               = "roles/iam.serviceAccountTokenCreator"
+  member             = local.pubsub_agent
+}
+
+# ------------------------------------------------------------------ secrets
+
+resource "google_secret_manager_secret_iam_member" "keys" {
+  for_each = {
+    for pair in setproduct(keys(local.functions), ["jwt", "callback"]) :
+    "${pair[0]}-${pair[1]}" => { function = pair[0], secret = pair[1] }
+  }
+  secret_id = google_secret_manager_secret.key[each.value.secret].id
+  role      = "roles/secretmanager.secretAccessor"
+  member    = google_service_account.function[each.value.function].member
+}
+
+# The deployments' credentials live in secrets named kidp_<namespace>_<name>-credentials
+# (kidp.secrets.gcpsecretmanager). The jobs function creates, reads and
+# deletes them. A secret's creation is checked on the project, so creating is
+# allowed there; everything else only on kidp_ secrets.
+resource "google_project_iam_member" "credentials_admin" {
+  project = var.project_id
+  role    = "roles/secretmanager.admin"
+  member  = google_service_account.function["jobs"].member
+
+  condition {
+    title       = "kidp-credentials-only"
+    description = "Creating secrets, and only the secrets the broker names kidp_*"
+    expression  = "resource.type == \"cloudresourcemanager.googleapis.com/Project\" || resource.name.startsWith(\"projects/${data.google_project.this.number}/secrets/kidp_\")"
+  }
+}
+
+# The scan function rotates them: it reads the current value and adds a version.
+resource "google_project_iam_member" "credentials_rotation" {
+  for_each = toset(["roles/secretmanager.secretAccessor", "roles/secretmanager.secretVersionAdder"])
+  project  = var.project_id
+  role     = each.value
+  member   = google_service_account.function["scan"].member
+
+  condition {
+    title       = "kidp-credentials-only"
+    description = "Only the secrets the broker names kidp_*"
+    expression  = "resource.name.startsWith(\"projects/${data.google_project.this.number}/secrets/kidp_\")"
+  }
+}
+
+# ---------------------------------------------------------------- provider
+
+resource "google_project_iam_member" "provider" {
+  for_each = {
+    for pair in flatten([
+      for function, roles in var.provider_roles : [
+        for role in roles : { function = function, role = role }
+      ]
+    ]) : "${pair.function} ${pair.role}" => pair
+  }
+  project = var.project_id
+  role    = each.value.role
+  member  = google_service_account.function[each.value.function].member
+}
+
+# ---------------------------------------------------------------- invokers
+
+resource "google_cloud_run_v2_service_iam_member" "api" {
+  for_each = toset(var.api_invokers)
+  name     = google_cloudfunctions2_function.function["api"].service_config[0].service
+  location = var.region
+  role     = "roles/run.invoker"
+  member   = each.value
+}
+
+resource "google_cloud_run_v2_service_iam_member" "jobs" {
+  name     = google_cloudfunctions2_function.function["jobs"].service_config[0].service
+  location = var.region
+  role     = "roles/run.invoker"
+  member   = google_service_account.push.member
+}
+
+resource "google_cloud_run_v2_service_iam_member" "scan" {
+  name     = google_cloudfunctions2_function.function["scan"].service_config[0].service
+  location = var.region
+  role     = "roles/run.invoker"
+  member   = google_service_account.scheduler.member
+}
+
+resource "google_cloud_run_v2_service_iam_member" "dlq" {
+  for_each = toset(var.operators)
+  name     = google_cloudfunctions2_function.function["dlq"].service_config[0].service
+  location = var.region
+  role     = "roles/run.invoker"
+  member   = each.value
+}

@@ -1,0 +1,111 @@
+data "google_project" "this" {
+  project_id = var.project_id
+}
+
+resource "google_project_service" "apis" {
+  for_each = toset([
+    "artifactregistry.googleapis.com",
+    "cloudbuild.googleapis.com",
+    "cloudfunctions.googleapis.com",
+    "cloudkms.googleapis.com",
+    "cloudscheduler.googleapis.com",
+    "cloudtasks.googleapis.com",
+    "iam.googleapis.com",
+    "pubsub.googleapis.com",
+    "run.googleapis.com",
+    "secretmanager.googleapis.com",
+    "sqladmin.googleapis.com",
+  ])
+  service = each.value
+  # Other workloads of the project may use them too.
+  disable_on_destroy = false
+}
+
+locals {
+  # The four functions, by the name of their entry point in gcp/main.py.
+  functions = {
+    api = {
+      description   = "The broker's HTTP API (every route), behind its own bearer tokens."
+      memory        = "1Gi"
+      cpu           = "1"
+      concurrency   = 8
+      timeout       = 60
+      max_instances = 20
+      ingress       = "ALLOW_ALL"
+    }
+    jobs = {
+      description = "Provision, poll, delete and callback jobs, pushed by the jobs subscription."
+      memory      = "1Gi"
+      cpu         = "1"
+      # One job at a time: a job may wait on the cloud for most of the timeout.
+      concurrency   = 1
+      timeout       = 540
+      max_instances = 20
+      # Pub/Sub push, Cloud Scheduler and Cloud Tasks of this project count as internal.
+      ingress = "ALLOW_INTERNAL_ONLY"
+    }
+    scan = {
+      description   = "Drift, orphan, cost, rotation and reconcile scans, called by Cloud Scheduler."
+      memory        = "1Gi"
+      cpu           = "1"
+      concurrency   = 1
+      timeout       = 540
+      max_instances = 5
+      ingress       = "ALLOW_INTERNAL_ONLY"
+    }
+    dlq = {
+      description   = "Lists and redrives dead-lettered jobs and callbacks, for operators."
+      memory        = "512Mi"
+      cpu           = "1"
+      concurrency   = 1
+      timeout       = 300
+      max_instances = 2
+      ingress       = "ALLOW_ALL"
+    }
+  }
+
+  # The KIDP_* settings every function reads (kidp.settings.Settings); the
+  # store URL names each function's own database user, and the two keys come
+  # from Secret Manager (functions.tf).
+  environment = {
+    KIDP_CLOUD                        = "gcp"
+    KIDP_PROVIDER                     = "gcp"
+    KIDP_REGION                       = var.region
+    KIDP_GCP_PROJECT                  = var.project_id
+    KIDP_QUEUE_URL                    = "pubsub://${var.project_id}/${google_pubsub_topic.jobs.name}"
+    KIDP_GCP_DEAD_LETTER_TOPIC        = google_pubsub_topic.dead.id
+    KIDP_GCP_DEAD_LETTER_SUBSCRIPTION = google_pubsub_subscription.dead.id
+    KIDP_GCP_TASKS_QUEUE              = google_cloud_tasks_queue.delays.id
+    KIDP_GCP_TASKS_SERVICE_ACCOUNT    = google_service_account.tasks.email
+    KIDP_JOB_MAX_DELIVERIES           = tostring(var.job_max_deliveries)
+    KIDP_SECRET_STORE                 = "gcp"
+    KIDP_CALLBACK_ALLOWLIST           = join(",", var.callback_allowlist)
+    KIDP_TAG_PREFIX                   = var.tag_prefix
+    KIDP_MANAGED_BY                   = var.managed_by
+    KIDP_LOG_LEVEL                    = var.log_level
+  }
+
+  # postgresql+cloudsql://<iam-user>@/<database>?instance=<connection name>
+  store_urls = {
+    for name in keys(local.functions) : name => format(
+      "postgresql+cloudsql://%s@/%s?instance=%s",
+      urlencode(google_service_account.function[name].email),
+      google_sql_database.store.name,
+      google_sql_database_instance.store.connection_name,
+    )
+  }
+
+  # Google's own agents that act for this project's resources.
+  pubsub_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+  tasks_agent  = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-cloudtasks.iam.gserviceaccount.com"
+
+  # The scans Cloud Scheduler runs (kidp.scans.SCANS) and how often: the
+  # KIDP_*_INTERVAL_SECONDS defaults; reconcile as often as a schedule can.
+  scans = {
+    drift     = "*/5 * * * *"
+    orphans   = "7 * * * *"
+    cost      = "17 3 * * *"
+    rotation  = "43 3 * * *"
+    reconcile = "* * * * *"
+  }
+}

@@ -1,0 +1,272 @@
+"""``infra/gcp`` read as Terraform reads it (python-hcl2), checked against the
+code it deploys: every ``KIDP_*`` variable it sets is a setting the broker
+reads, the required ones are set, the functions are the entry points of
+``gcp/main.py``, the subscription's dead-letter policy is the broker's
+``KIDP_JOB_MAX_DELIVERIES``, Cloud Scheduler runs every scan, and the IAM
+grants stay on the resources they concern.
+
+``terraform validate`` needs the Google provider plugin, which cannot be
+downloaded here; ``scripts/check-gcp.sh`` runs ``terraform fmt`` and checkov.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import hcl2
+import pytest
+
+from kidp.scans import SCANS
+from kidp.settings import Settings
+from kidp.stores.cloudsql import parse_cloudsql_url
+
+ROOT = Path(__file__).resolve().parents[2]
+INFRA = ROOT / "infra" / "gcp"
+#: What a function cannot start without (kidp.edges.gcp.settings_from_env and
+#: the composition root), and what must not be left to a default that is wrong on GCP.
+REQUIRED = {
+    "KIDP_CLOUD",
+    "KIDP_PROVIDER",
+    "KIDP_REGION",
+    "KIDP_GCP_PROJECT",
+    "KIDP_STORE_URL",
+    "KIDP_QUEUE_URL",
+    "KIDP_GCP_DEAD_LETTER_TOPIC",
+    "KIDP_GCP_DEAD_LETTER_SUBSCRIPTION",
+    "KIDP_GCP_TASKS_QUEUE",
+    "KIDP_GCP_TASKS_SERVICE_ACCOUNT",
+    "KIDP_JOB_MAX_DELIVERIES",
+    "KIDP_SECRET_STORE",
+    "KIDP_JWT_SECRET",
+    "KIDP_CALLBACK_SECRET",
+}
+
+
+def _clean(value: Any) -> Any:
+    """python-hcl2's output without its quotes and bookkeeping keys."""
+    if isinstance(value, dict):
+        return {
+            _clean(k): _clean(v)
+            for k, v in value.items()
+            if k not in ("__is_block__", "__comments__")
+        }
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1]
+    return value
+
+
+@cache
+def terraform() -> dict[str, Any]:
+    """Every .tf file merged: resources by type and name, locals, variables."""
+    merged: dict[str, Any] = {"resource": {}, "locals": {}, "variable": {}, "data": {}}
+    for path in sorted(INFRA.glob("*.tf")):
+        with path.open() as handle:
+            parsed = _clean(hcl2.load(handle))
+        for block in parsed.get("resource", []):
+            for kind, named in block.items():
+                merged["resource"].setdefault(kind, {}).update(named)
+        for block in parsed.get("locals", []):
+            merged["locals"].update(block)
+        for block in parsed.get("variable", []):
+            merged["variable"].update(block)
+    return merged
+
+
+def resource(kind: str, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = terraform()["resource"][kind][name]
+    return found
+
+
+def resources(kind: str) -> dict[str, Any]:
+    found: dict[str, Any] = terraform()["resource"].get(kind, {})
+    return found
+
+
+def function_environment() -> dict[str, str]:
+    """What each function's environment holds: the shared settings, the store
+    URL of its own, and the two keys from Secret Manager."""
+    function = resource("google_cloudfunctions2_function", "function")
+    (service,) = function["service_config"]
+    merged = service["environment_variables"]
+    assert merged.startswith("${merge(local.environment,")
+    environment = dict(terraform()["locals"]["environment"])
+    environment.update(dict(re.findall(r"(KIDP_[A-Z_]+)\s*=\s*([^\s,}]+)", merged)))
+    for secret in service["secret_environment_variables"]:
+        environment[secret["key"]] = secret["secret"]
+    return environment
+
+
+# --------------------------------------------------------------- settings
+
+
+def test_every_kidp_variable_in_the_terraform_is_a_setting() -> None:
+    names = {
+        match
+        for path in INFRA.glob("*.tf")
+        for match in re.findall(r"\bKIDP_[A-Z0-9_]+\b", path.read_text())
+    }
+    fields = {f"KIDP_{field.upper()}" for field in Settings.model_fields}
+    assert names, "no KIDP_ variable found: the test reads the wrong files"
+    assert sorted(names - fields) == []
+
+
+def test_the_functions_get_every_required_setting() -> None:
+    environment = function_environment()
+    assert set(environment) >= REQUIRED
+    fields = {f"KIDP_{field.upper()}" for field in Settings.model_fields}
+    assert set(environment) <= fields
+    assert environment["KIDP_CLOUD"] == "gcp"
+    assert environment["KIDP_SECRET_STORE"] == "gcp"
+    assert environment["KIDP_JWT_SECRET"].startswith("${google_secret_manager_secret.key[")
+    assert environment["KIDP_QUEUE_URL"].startswith("pubsub://${var.project_id}/")
+
+
+def test_the_store_url_is_the_cloud_sql_form_with_each_functions_own_user() -> None:
+    store_urls = terraform()["locals"]["store_urls"]
+    assert "urlencode(google_service_account.function[name].email)" in store_urls
+    template = re.search(r'format\(\s*"([^"]+)"', store_urls)
+    assert template is not None
+    rendered = template.group(1) % (
+        "kidp-jobs%40proj.iam.gserviceaccount.com",
+        "kidp",
+        "proj:europe-west1:kidp-store",
+    )
+    target = parse_cloudsql_url(rendered)
+    assert target.user == "kidp-jobs@proj.iam.gserviceaccount.com"
+    assert (target.database, target.instance) == ("kidp", "proj:europe-west1:kidp-store")
+    assert resource("google_sql_database", "store")["name"] == "kidp"
+
+
+def test_the_delivery_limit_is_one_variable_for_pubsub_and_the_broker() -> None:
+    environment = terraform()["locals"]["environment"]
+    assert environment["KIDP_JOB_MAX_DELIVERIES"] == "${tostring(var.job_max_deliveries)}"
+    (policy,) = resource("google_pubsub_subscription", "jobs")["dead_letter_policy"]
+    assert policy["max_delivery_attempts"] == "${var.job_max_deliveries}"
+    assert policy["dead_letter_topic"] == "${google_pubsub_topic.dead.id}"
+    (validation,) = terraform()["variable"]["job_max_deliveries"]["validation"]
+    assert ">= 5" in validation["condition"] and "<= 100" in validation["condition"]
+
+
+# -------------------------------------------------------------- functions
+
+
+def main_functions() -> set[str]:
+    """The functions gcp/main.py declares (decorated with the edge's declarations)."""
+    tree = ast.parse((ROOT / "gcp" / "main.py").read_text())
+    return {
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef)
+        and any(ast.unparse(d).startswith("edge.") for d in node.decorator_list)
+    }
+
+
+def test_the_functions_are_the_entry_points_of_main_py() -> None:
+    functions = terraform()["locals"]["functions"]
+    assert set(functions) == main_functions() == {"api", "jobs", "scan", "dlq"}
+    function = resource("google_cloudfunctions2_function", "function")
+    (build,) = function["build_config"]
+    assert build["entry_point"] == "${each.key}"
+    assert re.fullmatch(r"python3(1[1-9])", build["runtime"])
+    (service,) = function["service_config"]
+    assert service["service_account_email"] == (
+        "${google_service_account.function[each.key].email}"
+    )
+    assert functions["jobs"]["ingress"] == functions["scan"]["ingress"] == "ALLOW_INTERNAL_ONLY"
+    # A push is acknowledged by the answer: the ack deadline covers the whole run.
+    assert resource("google_pubsub_subscription", "jobs")["ack_deadline_seconds"] == (
+        "${local.functions.jobs.timeout}"
+    )
+    assert int(functions["jobs"]["timeout"]) <= 600
+
+
+def test_jobs_are_pushed_to_the_jobs_function_with_an_identity_token() -> None:
+    subscription = resource("google_pubsub_subscription", "jobs")
+    (push,) = subscription["push_config"]
+    assert 'function["jobs"]' in push["push_endpoint"]
+    (token,) = push["oidc_token"]
+    assert token["service_account_email"] == "${google_service_account.push.email}"
+    invoker = resource("google_cloud_run_v2_service_iam_member", "jobs")
+    assert invoker["member"] == "${google_service_account.push.member}"
+    dead = resource("google_pubsub_subscription", "dead")
+    assert dead["topic"] == "${google_pubsub_topic.dead.id}"
+    environment = terraform()["locals"]["environment"]
+    assert (
+        environment["KIDP_GCP_DEAD_LETTER_SUBSCRIPTION"] == "${google_pubsub_subscription.dead.id}"
+    )
+
+
+def test_delays_run_on_a_cloud_tasks_queue_that_publishes_as_its_own_account() -> None:
+    environment = terraform()["locals"]["environment"]
+    assert environment["KIDP_GCP_TASKS_QUEUE"] == "${google_cloud_tasks_queue.delays.id}"
+    assert environment["KIDP_GCP_TASKS_SERVICE_ACCOUNT"] == "${google_service_account.tasks.email}"
+    publisher = resource("google_pubsub_topic_iam_member", "tasks_publisher")
+    assert publisher["role"] == "roles/pubsub.publisher"
+    assert publisher["member"] == "${google_service_account.tasks.member}"
+
+
+def test_cloud_scheduler_runs_every_scan_with_its_name_in_the_body() -> None:
+    assert set(terraform()["locals"]["scans"]) == set(SCANS)
+    job = resource("google_cloud_scheduler_job", "scan")
+    assert job["for_each"] == "${local.scans}"
+    (target,) = job["http_target"]
+    assert target["body"] == "${base64encode(jsonencode({scan = each.key}))}"
+    assert 'function["scan"]' in target["uri"]
+    (token,) = target["oidc_token"]
+    assert token["service_account_email"] == "${google_service_account.scheduler.email}"
+
+
+# -------------------------------------------------------------------- IAM
+
+
+def test_no_account_may_act_as_any_other_and_no_basic_role_is_granted() -> None:
+    for name, grant in resources("google_project_iam_member").items():
+        role = grant["role"]
+        assert role not in {"roles/owner", "roles/editor", "roles/viewer"}, name
+        assert role not in {
+            "roles/iam.serviceAccountUser",
+            "roles/iam.serviceAccountTokenCreator",
+        }, name
+    for grant in resources("google_service_account_iam_member").values():
+        assert grant["service_account_id"] in {
+            "${google_service_account.tasks.name}",
+            "${google_service_account.push.name}",
+        }
+
+
+def test_pubsubs_agent_may_move_messages_to_the_dead_letter_topic() -> None:
+    publisher = resource("google_pubsub_topic_iam_member", "agent_dead_publisher")
+    assert (publisher["topic"], publisher["member"]) == (
+        "${google_pubsub_topic.dead.id}",
+        "${local.pubsub_agent}",
+    )
+    subscriber = resource("google_pubsub_subscription_iam_member", "agent_jobs_subscriber")
+    assert subscriber["subscription"] == "${google_pubsub_subscription.jobs.id}"
+    assert "gcp-sa-pubsub" in terraform()["locals"]["pubsub_agent"]
+
+
+def test_credentials_secrets_are_reachable_only_by_their_prefix() -> None:
+    for name in ("credentials_admin", "credentials_rotation"):
+        (condition,) = resource("google_project_iam_member", name)["condition"]
+        assert "/secrets/kidp_" in condition["expression"]
+
+
+@pytest.mark.parametrize("flag", ["cloudsql.iam_authentication"])
+def test_the_store_logs_in_with_iam_only(flag: str) -> None:
+    instance = resource("google_sql_database_instance", "store")
+    (settings,) = instance["settings"]
+    flags = {f["name"]: f["value"] for f in settings["database_flags"]}
+    assert flags[flag] == "on"
+    (network,) = settings["ip_configuration"]
+    assert "authorized_networks" not in network
+    assert network["ssl_mode"] == "TRUSTED_CLIENT_CERTIFICATE_REQUIRED"
+    user = resource("google_sql_user", "function")
+    assert user["type"] == "CLOUD_IAM_SERVICE_ACCOUNT"
+    assert user["for_each"] == "${local.functions}"
+    assert not resources("google_sql_user").keys() - {"function"}
