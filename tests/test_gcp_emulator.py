@@ -91,16 +91,39 @@ def test_quota_metrics_are_served_as_service_usage_does(emulator: GcpEmulator) -
 
 
 @pytest.mark.pubsub
-def test_the_emulated_cloud_points_the_settings_at_the_stand_in(tmp_path: Path) -> None:
+def test_the_emulated_cloud_gives_settings_for_a_working_broker(
+    tmp_path: Path, pubsub_emulator_host: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pubsub_emulator_host proves the emulator is installed (or fails under
+    # CI=true); the starter runs one of its own, as serve --emulate does.
+    from kidp.bootstrap import build
     from kidp.gcp_emulator import start_gcp
+    from kidp.models import ResourceType
+    from kidp.queues.pubsub import PubSubJobQueue
+    from kidp.secrets.gcpsecretmanager import SecretManagerStore
     from kidp.settings import Settings
 
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub_emulator_host)  # restored afterwards
     cloud = start_gcp(tmp_path)
     try:
-        settings = Settings(cloud="gcp", **cloud.settings)
-        assert settings.gcp_api_endpoint is not None
-        answer = httpx.get(f"{settings.gcp_api_endpoint}v1/projects/x/instances")
-        assert answer.status_code == 200
-        assert cloud.settings["gcp_topics"] == ("PUBSUB_EMULATOR_HOST" in cloud.environ)
+        for name, value in cloud.environ.items():
+            assert value is not None
+            monkeypatch.setenv(name, value)
+        settings = Settings(
+            state_dir=tmp_path / "state",
+            store_url=f"sqlite:///{tmp_path}/broker.db",
+            **cloud.settings,
+        )
+        assert settings.cloud == "gcp" and settings.gcp_topics
+        broker = build(settings)
+        try:
+            service = broker.service
+            assert isinstance(service.queue, PubSubJobQueue)
+            assert isinstance(service.secrets, SecretManagerStore)
+            ok, health = service.health()
+            assert ok, health
+            assert set(service.provider.supported()) == set(ResourceType)
+        finally:
+            broker.close()
     finally:
         cloud.stop()

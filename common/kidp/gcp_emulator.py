@@ -1330,17 +1330,56 @@ def start_gcp_emulator(
 
 
 def start_gcp(state_dir: Path) -> EmulatedCloud:
-    """:data:`kidp.emulator.EMULATORS` starter for GCP's admin APIs: this stand-in
-    (state in memory) and, when the Cloud CLI has it, the Pub/Sub emulator
-    for topics. The platform adapters (queue, store, secrets) add their own."""
+    """:data:`kidp.emulator.EMULATORS` starter for GCP: this stand-in for the
+    admin APIs, Application Default Credentials that work against it, and,
+    when the Cloud CLI has its Pub/Sub emulator, the data plane of
+    :mod:`kidp.gcp_platform_emulator` (the Pub/Sub job queue with Cloud Tasks
+    for delays, Secret Manager for credentials) and Pub/Sub topics. Without
+    it the broker keeps its jobs in its own store and offers no topics.
+    Everything lives in memory and ends with ``stop``."""
     from kidp.emulator import EmulatedCloud
-    from kidp.pubsub_emulator import find_launcher, start_pubsub_emulator
+    from kidp.gcp_platform_emulator import start_gcp_platform
+    from kidp.pubsub_emulator import find_launcher
 
-    admin = start_gcp_emulator()
-    # Application Default Credentials: a service-account key file of a
-    # throwaway key, its token endpoint on the stand-in. The broker finds
-    # credentials the way it does with GOOGLE_APPLICATION_CREDENTIALS, and no
-    # token it gets is good anywhere else.
+    stops: list[Callable[[], None]] = []
+
+    def stop() -> None:
+        for each in reversed(stops):
+            with contextlib.suppress(Exception):
+                each()
+
+    try:
+        admin = start_gcp_emulator()
+        stops.append(admin.stop)
+        environ: dict[str, str | None] = {
+            "GOOGLE_APPLICATION_CREDENTIALS": str(_write_adc(state_dir, admin.url))
+        }
+        settings: dict[str, Any] = {
+            "cloud": "gcp",
+            "gcp_api_endpoint": admin.url,
+            "gcp_project": EMULATED_PROJECT,
+            "gcp_topics": False,
+        }
+        if find_launcher() is not None:
+            platform = start_gcp_platform(state_dir, project=EMULATED_PROJECT)
+            stops.append(platform.stop)
+            settings.update(platform.settings, gcp_topics=True)
+            environ.update(platform.environ)
+    except BaseException:
+        stop()
+        raise
+    return EmulatedCloud(provider="gcp", settings=settings, environ=environ, stop=stop)
+
+
+#: The project an emulated GCP broker runs in.
+EMULATED_PROJECT = "kidp-emulated"
+
+
+def _write_adc(state_dir: Path, token_host: str) -> Path:
+    """Application Default Credentials: a service-account key file of a
+    throwaway key whose token endpoint is the stand-in. The broker finds
+    credentials the way it does with GOOGLE_APPLICATION_CREDENTIALS, and no
+    token it gets is good anywhere else."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -1356,34 +1395,13 @@ def start_gcp(state_dir: Path) -> EmulatedCloud:
         json.dump(
             {
                 "type": "service_account",
-                "project_id": "kidp-emulated",
+                "project_id": EMULATED_PROJECT,
                 "private_key_id": "emulated",
                 "private_key": pem,
-                "client_email": "kidp-broker@kidp-emulated.iam.gserviceaccount.com",
+                "client_email": f"kidp-broker@{EMULATED_PROJECT}.iam.gserviceaccount.com",
                 "client_id": "1",
-                "token_uri": f"{admin.url}{TOKEN_PATH}",
+                "token_uri": f"{token_host}{TOKEN_PATH}",
             },
             handle,
         )
-    environ: dict[str, str | None] = {"GOOGLE_APPLICATION_CREDENTIALS": str(adc)}
-    stops: list[Callable[[], None]] = [admin.stop]
-    if find_launcher() is not None:
-        pubsub = start_pubsub_emulator(log_file=state_dir / "pubsub-emulator.log")
-        environ["PUBSUB_EMULATOR_HOST"] = pubsub.host
-        stops.append(pubsub.stop)
-
-    def stop() -> None:
-        for each in reversed(stops):
-            each()
-
-    return EmulatedCloud(
-        provider="gcp",
-        settings={
-            "gcp_api_endpoint": admin.url,
-            "gcp_project": "kidp-emulated",
-            # Without the Pub/Sub emulator the broker offers no topics.
-            "gcp_topics": "PUBSUB_EMULATOR_HOST" in environ,
-        },
-        environ=environ,
-        stop=stop,
-    )
+    return adc

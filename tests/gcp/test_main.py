@@ -15,8 +15,8 @@ subscription, posts it to ``jobs`` as a CloudEvent carrying Pub/Sub's
 ``deliveryAttempt``, acknowledges it when the function answers 2xx and
 negatively acknowledges it otherwise, so Pub/Sub delivers it again.
 
-The cloud provider is one fixture, :func:`cloud`: the AWS provider on moto in
-process until the GCP provider is merged.
+The cloud is GCP too: the GCP provider through Google's clients on the admin
+API stand-in (:mod:`kidp.gcp_emulator`), in the fixture :func:`cloud`.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ pytestmark = pytest.mark.pubsub
 ROOT = Path(__file__).resolve().parents[2]
 MAIN = ROOT / "gcp" / "main.py"
 EVENTS = ROOT / "tests" / "events"
+#: Where the broker and its resources live.
+REGION = "us-central1"
 JWT_SECRET = "j" * 48
 MAX_DELIVERIES = 5
 TARGETS = ("api", "jobs", "scan", "dlq")
@@ -106,21 +108,36 @@ class Cloud:
 
 
 @pytest.fixture
-def cloud(aws: None) -> Cloud:
-    """The AWS provider on moto in process (the GCP provider replaces it once merged)."""
-    import boto3
+def cloud(gcp_project: str) -> Iterator[Cloud]:
+    """The GCP provider through Google's clients on the admin API stand-in (a
+    Cloud SQL instance per database), in the same project as the queue."""
+    from google.auth.credentials import AnonymousCredentials
 
-    from kidp.providers.aws import AwsProvider
+    from kidp.gcp_emulator import start_gcp_emulator
+    from kidp.models import ResourceType
+    from kidp.providers.gcp import GcpProvider
+
+    admin = start_gcp_emulator()
+    provider = GcpProvider(
+        region=REGION,
+        project=gcp_project,
+        credentials=AnonymousCredentials(),
+        api_endpoint=admin.url,
+        topics=False,
+        retry_seconds=0,
+    )
 
     def databases() -> list[str]:
-        rds = boto3.client("rds", region_name="us-east-1")
-        return [i["DBInstanceIdentifier"] for i in rds.describe_db_instances()["DBInstances"]]
+        return sorted(
+            r.name for r in provider.list_managed() if r.resource_type is ResourceType.DATABASE
+        )
 
-    return Cloud(
-        provider=FaultyProvider(AwsProvider(region="us-east-1")),
-        environ={"KIDP_PROVIDER": "aws", "KIDP_REGION": "us-east-1"},
+    yield Cloud(
+        provider=FaultyProvider(provider),
+        environ={"KIDP_PROVIDER": "gcp", "KIDP_REGION": REGION},
         resources=databases,
     )
+    admin.stop()
 
 
 # ------------------------------------------------------------ the functions
