@@ -20,7 +20,6 @@ from typing import Any
 import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
-from tests.tls import issue_tls_files
 
 from kidp.callbacks import (
     RETRY_DELAYS,
@@ -29,6 +28,7 @@ from kidp.callbacks import (
     generate_secret,
     sign,
 )
+from kidp.localtls import issue_tls_files
 from kidp.models import CallbackEvent
 from kidp.ssrf import Allowlist
 

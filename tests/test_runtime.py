@@ -7,8 +7,8 @@ from typing import Any
 import boto3
 import pytest
 from botocore.config import Config
-from tests.tls import issue_tls_files
 
+from kidp.localtls import issue_tls_files
 from kidp.models import Phase
 from kidp.providers.aws import AwsProvider
 from kidp.queues.sql import SqlJobQueue

@@ -66,10 +66,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as dt
-import ipaddress
 import json
 import re
-import ssl
 import tempfile
 import threading
 import time
@@ -1393,85 +1391,6 @@ class _Server(ThreadingHTTPServer):
     arm: ArmEmulator
 
 
-@dataclass
-class _Tls:
-    ca: Path
-    cert: Path
-    key: Path
-
-
-def _make_tls(directory: Path) -> _Tls:
-    """A throwaway CA and a certificate for 127.0.0.1 signed by it."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kidp ARM emulator CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    files = _Tls(directory / "arm-ca.pem", directory / "arm-cert.pem", directory / "arm-key.pem")
-    files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files.cert.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    files.key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    files.key.chmod(0o600)
-    return files
-
-
 class RunningArmEmulator(ArmEmulator):
     """An :class:`ArmEmulator` serving on loopback: ``url``, ``ca_file``, ``stop()``."""
 
@@ -1483,13 +1402,14 @@ class RunningArmEmulator(ArmEmulator):
         server.arm = self
         scheme = "http"
         if tls:
+            # Imported here: cryptography loads only when the stand-in serves HTTPS.
+            from kidp.localtls import issue_tls_files, server_context
+
             where = directory or Path(tempfile.mkdtemp(prefix="kidp-arm-"))
-            where.mkdir(parents=True, exist_ok=True)
-            files = _make_tls(where)
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            context.load_cert_chain(files.cert, files.key)
-            server.socket = context.wrap_socket(server.socket, server_side=True)
+            files = issue_tls_files(
+                where, authority="kidp ARM emulator CA", valid_for=dt.timedelta(days=30)
+            )
+            server.socket = server_context(files).wrap_socket(server.socket, server_side=True)
             self.ca_file = files.ca
             scheme = "https"
         self.url = f"{scheme}://127.0.0.1:{server.server_address[1]}"

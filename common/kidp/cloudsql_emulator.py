@@ -36,77 +36,21 @@ import socket
 import ssl
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from kidp.gcp_standin import ApiError, GoogleApiServer, Request
+from kidp.localtls import LocalAuthority, server_context
 
 log = logging.getLogger(__name__)
 
 #: The port the connector dials on every instance.
 SERVER_PROXY_PORT = 3307
 _INSTANCE = r"projects/([^/]+)/instances/([^/:]+)"
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
-@dataclass
-class _Authority:
-    """The instance CA, and the server certificate it signed."""
-
-    key: ec.EllipticCurvePrivateKey = field(
-        default_factory=lambda: ec.generate_private_key(ec.SECP256R1())
-    )
-    server_key: ec.EllipticCurvePrivateKey = field(
-        default_factory=lambda: ec.generate_private_key(ec.SECP256R1())
-    )
-
-    def __post_init__(self) -> None:
-        now = _now()
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name("Google Cloud SQL Server CA (stand-in)"))
-            .issuer_name(_name("Google Cloud SQL Server CA (stand-in)"))
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self.key, hashes.SHA256())
-        )
-        self.server_cert = self.sign(
-            self.server_key.public_key(), "cloudsql-standin", lifetime=datetime.timedelta(days=1)
-        )
-
-    def sign(
-        self, public_key: Any, common_name: str, *, lifetime: datetime.timedelta
-    ) -> x509.Certificate:
-        now = _now()
-        return (
-            x509.CertificateBuilder()
-            .subject_name(_name(common_name))
-            .issuer_name(self.cert.subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + lifetime)
-            .sign(self.key, hashes.SHA256())
-        )
-
-    def pem(self, cert: x509.Certificate | None = None) -> str:
-        return (cert or self.cert).public_bytes(serialization.Encoding.PEM).decode()
 
 
 @dataclass(frozen=True)
@@ -128,7 +72,7 @@ class CloudSqlAdminApi(GoogleApiServer):
 
     service = "sqladmin"
 
-    def __init__(self, authority: _Authority, address: str) -> None:
+    def __init__(self, authority: LocalAuthority, address: str) -> None:
         super().__init__()
         self._authority = authority
         self._address = address
@@ -171,16 +115,19 @@ class CloudSqlAdminApi(GoogleApiServer):
     def _ephemeral(self, request: Request) -> tuple[int, Any]:
         instance = self._instance(request)
         try:
-            public_key = serialization.load_pem_public_key(
-                str(request.body.get("public_key", "")).encode()
+            # The connector sends an RSA key; a key type no certificate can
+            # hold fails the signing below (a stand-in error, 500).
+            public_key = cast(
+                "CertificatePublicKeyTypes",
+                serialization.load_pem_public_key(str(request.body.get("public_key", "")).encode()),
             )
         except ValueError:
             raise ApiError(400, "public_key is not a PEM public key") from None
         token = bool(request.body.get("access_token"))
         with self.lock:
             self.ephemeral_certs.append((instance.connection_name, token))
-        cert = self._authority.sign(
-            public_key, "cloudsql-ephemeral", lifetime=datetime.timedelta(hours=1)
+        cert = self._authority.issue(
+            public_key, "cloudsql-ephemeral", valid_for=datetime.timedelta(hours=1), client=True
         )
         return 200, {"ephemeralCert": {"kind": "sql#sslCert", "cert": self._authority.pem(cert)}}
 
@@ -190,27 +137,18 @@ class ServerProxy:
     ``address:3307``, then bytes both ways to ``upstream``."""
 
     def __init__(
-        self, authority: _Authority, upstream: tuple[str, int], *, tries: int = 20
+        self, authority: LocalAuthority, upstream: tuple[str, int], *, tries: int = 20
     ) -> None:
         self.upstream = upstream
         self.connections = 0
         self.refused = 0
         self._directory = tempfile.TemporaryDirectory(prefix="kidp-cloudsql-")
-        folder = Path(self._directory.name)
-        (folder / "server.pem").write_text(authority.pem(authority.server_cert))
-        (folder / "server.key").write_bytes(
-            authority.server_key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
+        files = authority.server_files(Path(self._directory.name), common_name="cloudsql-standin")
+        # TLS 1.3 and a client certificate the instance CA signed, as the
+        # instance's proxy requires.
+        self._context = server_context(
+            files, minimum=ssl.TLSVersion.TLSv1_3, client_certificates=True
         )
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_3
-        context.verify_mode = ssl.CERT_REQUIRED
-        context.load_cert_chain(folder / "server.pem", folder / "server.key")
-        context.load_verify_locations(cadata=authority.pem())
-        self._context = context
         self._listener = _bind_loopback(tries)
         self.address = str(self._listener.getsockname()[0])
         self._stopping = threading.Event()
@@ -300,7 +238,8 @@ class CloudSqlEmulator:
     ``address`` the instances' IP; ``stop()`` ends both."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
-        authority = _Authority()
+        # The instance CA: it signs the proxy's certificate and the ephemeral ones.
+        authority = LocalAuthority("Google Cloud SQL Server CA (stand-in)")
         self.proxy = ServerProxy(authority, upstream)
         self.admin = CloudSqlAdminApi(authority, self.proxy.address)
         self.admin.start()

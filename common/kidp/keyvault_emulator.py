@@ -37,11 +37,9 @@ authorized (never bodies).
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import json
 import re
 import secrets
-import ssl
 import tempfile
 import threading
 import time
@@ -52,10 +50,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from kidp.localtls import issue_tls_files, server_context
 
 __all__ = ["AUDIENCE", "KeyVaultEmulator", "start_keyvault"]
 
@@ -236,7 +231,9 @@ def start_keyvault(
     if directory is None:
         holder = tempfile.TemporaryDirectory(prefix="kidp-keyvault-")
         directory = Path(holder.name)
-    ca_file, cert_file, key_file = _issue_certificates(directory)
+    files = issue_tls_files(
+        directory, authority="kidp Key Vault stand-in CA", valid_for=dt.timedelta(days=30)
+    )
     lock = threading.Lock()
     tokens: dict[str, tuple[str, float]] = {}
     faults: list[tuple[int, str, str | None]] = []
@@ -244,16 +241,13 @@ def start_keyvault(
 
     identity = ThreadingHTTPServer(("127.0.0.1", 0), _IdentityHandler)
     vault = ThreadingHTTPServer(("127.0.0.1", 0), _VaultHandler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert_file, key_file)
-    vault.socket = context.wrap_socket(vault.socket, server_side=True)
+    vault.socket = server_context(files).wrap_socket(vault.socket, server_side=True)
     vault_url = f"https://127.0.0.1:{vault.server_address[1]}/"
     emulator = KeyVaultEmulator(
         vault_url=vault_url,
         identity_endpoint=f"http://127.0.0.1:{identity.server_address[1]}/msi/token",
         identity_header=header,
-        ca_file=ca_file,
+        ca_file=files.ca,
         _servers=[vault, identity],
         _state=_Vault(vault_url, purge_protection=purge_protection),
         _lock=lock,
@@ -557,74 +551,3 @@ def _page(
         else None
     )
     return {"value": page, "nextLink": next_link}
-
-
-# --------------------------------------------------------------------------- TLS
-
-
-def _issue_certificates(directory: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a certificate for 127.0.0.1 and localhost signed by
-    it: (CA file, certificate file, key file)."""
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kidp Key Vault stand-in CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = [
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        x509.DNSName("localhost"),
-    ]
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName(names), False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    ca_file, cert_file, key_file = (directory / n for n in ("ca.pem", "cert.pem", "key.pem"))
-    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_file.chmod(0o600)
-    return ca_file, cert_file, key_file
