@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from functools import partial, wraps
@@ -71,7 +70,20 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from aws_lambda_powertools.logging import Logger
 
-from kidp.errors import BrokerError, TemporaryError, ValidationFailed
+from kidp.edges.base import (
+    BrokerSlot,
+    LogRoute,
+    Stdout,
+    dead_letters,
+    function_settings,
+    require_spare_delivery,
+    runs_per_job,
+    scan_named,
+    scan_result,
+    unavailable,
+    work_delivery,
+)
+from kidp.errors import BrokerError, ValidationFailed
 from kidp.observability import correlation_id
 
 if TYPE_CHECKING:
@@ -91,6 +103,7 @@ __all__ = [
     "dlq",
     "install",
     "reset",
+    "runs_per_job",
     "scan",
     "scan_name",
     "settings_from_env",
@@ -108,17 +121,6 @@ NAMESPACE: Final = os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "KIDP/Broker")
 log = logging.getLogger("kidp.edges.aws")
 
 
-class _Stdout:
-    """Writes to whatever ``sys.stdout`` is at the time (Lambda's log stream;
-    a test's captured output), not the object it was at import."""
-
-    def write(self, text: str) -> int:
-        return sys.stdout.write(text)
-
-    def flush(self) -> None:
-        sys.stdout.flush()
-
-
 class _CorrelationFilter(logging.Filter):
     """Stamps each record with the core's correlation id, which the core sets
     per job (the deployment id) and per request (the request id)."""
@@ -130,7 +132,7 @@ class _CorrelationFilter(logging.Filter):
         return True
 
 
-logger = Logger(service=SERVICE, stream=_Stdout())  # type: ignore[arg-type]
+logger = Logger(service=SERVICE, stream=Stdout())  # type: ignore[arg-type]
 logger.registered_handler.addFilter(_CorrelationFilter())
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -160,75 +162,49 @@ def traced(function: F) -> F:
 # --------------------------------------------------------------------- broker
 
 
-class _Container:
-    """What one Lambda container keeps between invocations."""
-
-    broker: Broker | None = None
-    http: Callable[[dict[str, Any], Any], dict[str, Any]] | None = None
-
-
-_container = _Container()
-
-
 def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
     """``KIDP_*`` settings as a Lambda function needs them (see the module docstring)."""
-    from kidp.settings import Settings
-
     env = dict(os.environ if environ is None else environ)
     if not env.get("KIDP_REGION") and env.get("AWS_REGION"):
         env["KIDP_REGION"] = env["AWS_REGION"]
-    # The deployment package is read-only; /tmp is the one writable place.
-    env.setdefault("KIDP_STATE_DIR", "/tmp/kidp")  # noqa: S108 - Lambda's scratch space
-    settings = Settings.from_env(env)
-    missing = []
-    if not settings.jwt_secret and not settings.jwt_jwks_url:
-        missing.append("KIDP_JWT_SECRET or KIDP_JWT_JWKS_URL")
-    if not settings.callback_secret:
-        missing.append("KIDP_CALLBACK_SECRET")
-    if missing:
-        raise ValidationFailed(
-            f"set {' and '.join(missing)}: on Lambda a development key made per container "
-            "would disagree with every other container"
-        )
-    if settings.job_max_deliveries < 2:
-        raise ValidationFailed(
-            "KIDP_JOB_MAX_DELIVERIES must be at least 2 on Lambda: the last receive is "
-            "kept for failing a job that stopped the function every time"
-        )
+    settings = function_settings(env, platform="Lambda", instance="container")
+    require_spare_delivery(settings, platform="Lambda", delivery="receive")
     return settings
 
 
-def runs_per_job(settings: Settings) -> int:
-    """How often the worker runs one job: one less than the queue's
-    ``maxReceiveCount`` (``KIDP_JOB_MAX_DELIVERIES``). SQS moves a message to
-    the dead-letter queue on its own once the count is used up, without
-    asking, so a function that died on the last run (a timeout, out of memory:
-    no exception to count) would leave its deployment waiting. The last
-    receive therefore only comes after such deaths, and fails the deployment
-    with its callback without running the job again (:func:`kidp.work.work`)."""
-    return settings.job_max_deliveries - 1
+class _Container(BrokerSlot):
+    """What one Lambda container keeps between invocations: the broker, and
+    the API's ASGI adapter around the broker's app."""
+
+    http: Callable[[dict[str, Any], Any], dict[str, Any]] | None = None
+
+    def forget(self) -> None:
+        self.http = None
+        _EMF.forget()
 
 
-def broker() -> Broker:
-    """This container's broker, built on first use."""
-    if _container.broker is None:
-        from kidp.bootstrap import build
-
-        settings = settings_from_env()
-        _route_logs(settings.log_level)
-        _container.broker = build(settings)
-    return _container.broker
+def _powertools_level(settings: Settings) -> None:
+    # Powertools' own logger (what it writes itself) follows the broker's level.
+    logger.setLevel(settings.log_level.upper())
 
 
-def install(built: Broker) -> None:
-    """Use ``built`` as this container's broker: the door through which tests
-    hand in a broker wired with their own adapters."""
-    if _container.broker is not None and _container.broker is not built:
-        _container.broker.close()
-    _route_logs(built.settings.log_level)
-    _container.broker = built
-    _container.http = None
-    _EMF.forget()
+#: Every ``kidp.*`` record through Powertools' JSON handler. botocore logs
+#: request and response bodies at DEBUG, secret values included.
+_logs = LogRoute(
+    logger.registered_handler,
+    quiet=("botocore", "boto3", "urllib3", "httpx", "httpcore", "mangum"),
+    configure=_powertools_level,
+)
+_container = _Container(settings_from_env, _logs)
+
+#: This container's broker, built on first use.
+broker = _container.get
+#: Use a built broker as this container's: the door through which tests hand
+#: in a broker wired with their own adapters.
+install = _container.install
+#: Forget this container's broker (close it) and detach the log routing; for
+#: tests, which change the environment between invocations.
+reset = _container.reset
 
 
 def warm_up(handler: str | None = None) -> None:
@@ -251,36 +227,6 @@ def warm_up(handler: str | None = None) -> None:
         return
     if function == "worker":
         import aws_lambda_powertools.utilities.batch  # noqa: F401 - imported at init
-
-
-def reset() -> None:
-    """Forget this container's broker (close it) and detach the log routing;
-    for tests, which change the environment between invocations."""
-    if _container.broker is not None:
-        _container.broker.close()
-    _container.broker = None
-    _container.http = None
-    _EMF.forget()
-    kidp_log = logging.getLogger("kidp")
-    kidp_log.removeHandler(logger.registered_handler)
-    kidp_log.propagate = True
-    kidp_log.setLevel(logging.NOTSET)
-
-
-def _route_logs(level: str) -> None:
-    """Send every ``kidp.*`` record through Powertools' JSON handler, once."""
-    kidp_log = logging.getLogger("kidp")
-    handler = logger.registered_handler
-    if handler not in kidp_log.handlers:
-        kidp_log.addHandler(handler)
-    # Lambda's runtime puts its own handler on the root logger: without this,
-    # every line would be written twice.
-    kidp_log.propagate = False
-    kidp_log.setLevel(level.upper())
-    logger.setLevel(level.upper())
-    # botocore logs request and response bodies at DEBUG, secret values included.
-    for name in ("botocore", "boto3", "urllib3", "httpx", "httpcore", "mangum"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 # -------------------------------------------------------------------- metrics
@@ -436,20 +382,10 @@ def api(event: dict[str, Any], context: Any) -> dict[str, Any]:
 
 
 def _broker_unavailable(exc: BrokerError) -> dict[str, Any]:
-    """An error response when the broker cannot even be built (configuration)."""
+    """An API Gateway response when the broker cannot even be built."""
     import json
 
-    log.error("broker unavailable", extra={"reason": exc.message})
-    if isinstance(exc, TemporaryError):
-        body, status = exc.to_body(), exc.http_status
-    else:
-        # A configuration error is the operator's, not the caller's.
-        status = 500
-        body = {
-            "error": "internal_error",
-            "message": "the broker is misconfigured; its logs say how",
-            "code": status,
-        }
+    status, body = unavailable(exc, log=log)
     return {
         "statusCode": status,
         "headers": {"content-type": "application/json"},
@@ -480,7 +416,6 @@ def _sqs_queue(b: Broker) -> SqsJobQueue:
 def _work_record(b: Broker, queue: SqsJobQueue, record: SQSRecord) -> None:
     """Work one SQS record; raise to have it reported as a batch item failure."""
     from kidp.errors import InvalidRequest
-    from kidp.work import work
 
     raw = record.raw_event
     try:
@@ -491,33 +426,17 @@ def _work_record(b: Broker, queue: SqsJobQueue, record: SQSRecord) -> None:
             raw["receiptHandle"], raw["body"], attempt=attempt, reason=exc.message
         )
         return
-    token = correlation_id.set(delivery.job.deployment_id)
-    try:
-        if queue.defer(delivery):
-            log.info("job deferred", extra={"kind": delivery.job.kind.value})
-            return
-        outcome = work(
-            b.service,
-            delivery.job,
-            attempt=delivery.attempt,
-            max_deliveries=runs_per_job(b.settings),
-        )
-        if outcome.action == "retry":
-            queue.retry(delivery, delay=outcome.delay)
-            log.info(
-                "job will be retried",
-                extra={
-                    "kind": delivery.job.kind.value,
-                    "attempt": delivery.attempt,
-                    "delaySeconds": outcome.delay,
-                    "reason": outcome.reason,
-                },
-            )
-            raise RetryLater(f"retry in {outcome.delay:g} s: {outcome.reason}")
-        if outcome.action == "dead":
-            queue.dead_letter(delivery, reason=outcome.reason)
-    finally:
-        correlation_id.reset(token)
+    outcome = work_delivery(
+        b,
+        delivery,
+        log=log,
+        retry=queue.retry,
+        dead=queue.dead_letter,
+        defer=queue.defer,
+    )
+    if outcome is not None and outcome.action == "retry":
+        # The message's visibility already holds the delay.
+        raise RetryLater(f"retry in {outcome.delay:g} s: {outcome.reason}")
 
 
 @_entry_point
@@ -549,31 +468,22 @@ def worker(event: dict[str, Any], context: Any) -> dict[str, Any]:
 
 def scan_name(event: Mapping[str, Any]) -> str:
     """The scan an EventBridge event asks for (see the module docstring)."""
-    from kidp.scans import SCANS
-
     name = event.get("scan")
     detail = event.get("detail")
     if name is None and isinstance(detail, Mapping):
         name = detail.get("scan")
-    if not isinstance(name, str) or name not in SCANS:
-        raise ValidationFailed(
-            f"the event names no known scan: give the schedule the input "
-            f'{{"scan": "<name>"}} with one of: {", ".join(SCANS)}'
-        )
-    return name
+    return scan_named(
+        name, source="the event", fix='give the schedule the input {"scan": "<name>"}'
+    )
 
 
 @_entry_point
 def scan(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """EventBridge schedule -> one scan -> its result."""
-    from kidp.scans import run_scan
-
     name = scan_name(event)
     token = correlation_id.set(str(event.get("id") or getattr(context, "aws_request_id", "")))
     try:
-        result = run_scan(broker().scanner, name)
-        log.info("scan finished", extra={"scan": name, "result": result})
-        return {"scan": name, "result": result}
+        return scan_result(broker(), name, log=log)
     finally:
         correlation_id.reset(token)
 
@@ -585,31 +495,9 @@ def scan(event: dict[str, Any], context: Any) -> dict[str, Any]:
 def dlq(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """``{"action": "list" | "redrive", "ids"?: [...]}`` -> dead letters
     (:mod:`kidp.deadletters`)."""
-    from kidp import deadletters
-
-    action = event.get("action", "list")
-    ids = event.get("ids")
     b = broker()
     token = correlation_id.set(str(getattr(context, "aws_request_id", "") or "dlq"))
     try:
-        if action == "list":
-            include_resolved = bool(event.get("includeResolved", False))
-            return deadletters.list_dead(b.service, include_resolved=include_resolved)
-        if action == "redrive":
-            result = deadletters.redrive(
-                b.service,
-                ids=None if ids is None else [str(i) for i in ids],
-                limit=int(event.get("limit", deadletters.REDRIVE_CALLBACKS_PER_CALL)),
-            )
-            log.info(
-                "dead letters redriven",
-                extra={
-                    "jobs": len(result["jobs"]["redriven"]),
-                    "callbacks": len(result["callbacks"]["resolved"]),
-                    "failed": len(result["callbacks"]["failed"]),
-                },
-            )
-            return result
-        raise ValidationFailed(f"unknown action '{action}': use list or redrive")
+        return dead_letters(b, event, log=log)
     finally:
         correlation_id.reset(token)
