@@ -62,13 +62,25 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import azure.functions as func
 
-from kidp.errors import BrokerError, InvalidRequest, TemporaryError, ValidationFailed
+from kidp.edges.base import (
+    BrokerSlot,
+    LogRoute,
+    Stdout,
+    dead_letters,
+    function_settings,
+    require_spare_delivery,
+    runs_per_job,
+    scan_result,
+    unavailable,
+    work_delivery,
+)
+from kidp.errors import BrokerError, InvalidRequest, ValidationFailed
 from kidp.observability import JsonFormatter, correlation_id
 
 if TYPE_CHECKING:
@@ -119,56 +131,12 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 # --------------------------------------------------------------------- broker
 
 
-class _Worker:
-    """What one Functions worker process keeps between invocations."""
-
-    broker: Broker | None = None
-
-
-_worker = _Worker()
-
-
-class _Stdout:
-    """Writes to whatever ``sys.stdout`` is at the time (the host's stream; a
-    test's captured output), not the object it was at import."""
-
-    def write(self, text: str) -> int:
-        return sys.stdout.write(text)
-
-    def flush(self) -> None:
-        sys.stdout.flush()
-
-
-_handler = logging.StreamHandler(_Stdout())
-_handler.setFormatter(JsonFormatter())
-
-
 def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
     """``KIDP_*`` settings as a function app needs them (see the module docstring)."""
-    import os
-
-    from kidp.settings import Settings
-
-    env = dict(os.environ if environ is None else environ)
-    # The app's files are read-only (run from package); /tmp is writable.
-    env.setdefault("KIDP_STATE_DIR", "/tmp/kidp")  # noqa: S108 - the instance's scratch space
-    env.setdefault("KIDP_CLOUD", "azure")
-    settings = Settings.from_env(env)
-    missing = []
-    if not settings.jwt_secret and not settings.jwt_jwks_url:
-        missing.append("KIDP_JWT_SECRET or KIDP_JWT_JWKS_URL")
-    if not settings.callback_secret:
-        missing.append("KIDP_CALLBACK_SECRET")
-    if missing:
-        raise ValidationFailed(
-            f"set {' and '.join(missing)}: on Azure Functions a development key made per "
-            "instance would disagree with every other instance"
-        )
-    if settings.job_max_deliveries < 2:
-        raise ValidationFailed(
-            "KIDP_JOB_MAX_DELIVERIES must be at least 2 on Azure Functions: the last "
-            "delivery is kept for failing a job that stopped the function every time"
-        )
+    settings = function_settings(
+        environ, platform="Azure Functions", instance="instance", defaults={"KIDP_CLOUD": "azure"}
+    )
+    require_spare_delivery(settings, platform="Azure Functions", delivery="delivery")
     queue = (settings.queue_url or "").rstrip("/").rsplit("/", 1)[-1]
     if not (settings.queue_url or "").startswith("azurequeue://") or queue != JOBS_QUEUE:
         raise ValidationFailed(
@@ -178,60 +146,22 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
-def runs_per_job(settings: Settings) -> int:
-    """How often the ``jobs`` function runs one job: one less than the host's
-    ``maxDequeueCount`` (``KIDP_JOB_MAX_DELIVERIES``), which moves a message
-    whose function failed on its last dequeue to the poison queue without
-    asking; the last delivery therefore only comes after the function died
-    on every run, and fails the deployment without running the job again
-    (:func:`kidp.work.work`)."""
-    return settings.job_max_deliveries - 1
+_handler = logging.StreamHandler(Stdout())
+_handler.setFormatter(JsonFormatter())
+#: Every ``kidp.*`` record as a JSON line on stdout. The SDKs' HTTP logging
+#: policy logs every request at INFO (URLs, headers).
+_logs = LogRoute(_handler, quiet=("azure", "urllib3", "httpx", "httpcore"))
+#: What one Functions worker process keeps between invocations.
+_worker = BrokerSlot(settings_from_env, _logs)
 
-
-def broker() -> Broker:
-    """This worker's broker, built on first use."""
-    if _worker.broker is None:
-        from kidp.bootstrap import build
-
-        settings = settings_from_env()
-        _route_logs(settings.log_level)
-        _worker.broker = build(settings)
-    return _worker.broker
-
-
-def install(built: Broker) -> None:
-    """Use ``built`` as this worker's broker: the door through which tests hand
-    in a broker wired with their own adapters."""
-    if _worker.broker is not None and _worker.broker is not built:
-        _worker.broker.close()
-    _route_logs(built.settings.log_level)
-    _worker.broker = built
-
-
-def reset() -> None:
-    """Forget this worker's broker (close it) and detach the log routing; for
-    tests, which change the environment between invocations."""
-    if _worker.broker is not None:
-        _worker.broker.close()
-    _worker.broker = None
-    kidp_log = logging.getLogger("kidp")
-    kidp_log.removeHandler(_handler)
-    kidp_log.propagate = True
-    kidp_log.setLevel(logging.NOTSET)
-
-
-def _route_logs(level: str) -> None:
-    """Send every ``kidp.*`` record to stdout as a JSON line, once."""
-    kidp_log = logging.getLogger("kidp")
-    if _handler not in kidp_log.handlers:
-        kidp_log.addHandler(_handler)
-    # The Python worker puts its own handler on the root logger: without this,
-    # every line would be written twice.
-    kidp_log.propagate = False
-    kidp_log.setLevel(level.upper())
-    # The SDKs' HTTP logging policy logs every request at INFO (URLs, headers).
-    for name in ("azure", "urllib3", "httpx", "httpcore"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+#: This worker's broker, built on first use.
+broker = _worker.get
+#: Use a built broker as this worker's: the door through which tests hand in a
+#: broker wired with their own adapters.
+install = _worker.install
+#: Forget this worker's broker (close it) and detach the log routing; for
+#: tests, which change the environment between invocations.
+reset = _worker.reset
 
 
 # ------------------------------------------------------------------------ api
@@ -267,17 +197,7 @@ async def _lifespan(receive: Receive, send: Send) -> None:
 
 async def _unavailable(exc: BrokerError, send: Send) -> None:
     """An error response when the broker cannot even be built (configuration)."""
-    log.error("broker unavailable", extra={"reason": exc.message})
-    if isinstance(exc, TemporaryError):
-        body, status = exc.to_body(), exc.http_status
-    else:
-        # A configuration error is the operator's, not the caller's.
-        status = 500
-        body = {
-            "error": "internal_error",
-            "message": "the broker is misconfigured; its logs say how",
-            "code": status,
-        }
+    status, body = unavailable(exc, log=log)
     data = json.dumps(body).encode()
     await send(
         {
@@ -305,8 +225,6 @@ def _azure_queue(b: Broker) -> AzureStorageJobQueue:
 
 def work_message(message: func.QueueMessage) -> None:
     """One queue message -> one job -> its outcome mapped (module docstring)."""
-    from kidp.work import work
-
     b = broker()
     queue = _azure_queue(b)
     body = message.get_body().decode("utf-8", errors="replace")
@@ -321,32 +239,17 @@ def work_message(message: func.QueueMessage) -> None:
     except InvalidRequest as exc:
         queue.bury(None, reason=exc.message, attempts=dequeued, body=body)
         return
-    token = correlation_id.set(delivery.job.deployment_id)
-    try:
-        if queue.defer(delivery, pulled=False):
-            log.info("job deferred", extra={"kind": delivery.job.kind.value})
-            return
-        outcome = work(
-            b.service,
-            delivery.job,
-            attempt=delivery.attempt,
-            max_deliveries=runs_per_job(b.settings),
-        )
-        if outcome.action == "retry":
-            queue.requeue(delivery, delay=outcome.delay)
-            log.info(
-                "job will be retried",
-                extra={
-                    "kind": delivery.job.kind.value,
-                    "attempt": delivery.attempt,
-                    "delaySeconds": outcome.delay,
-                    "reason": outcome.reason,
-                },
-            )
-        elif outcome.action == "dead":
-            queue.bury(delivery.job, reason=outcome.reason, attempts=delivery.attempt)
-    finally:
-        correlation_id.reset(token)
+    work_delivery(
+        b,
+        delivery,
+        log=log,
+        retry=queue.requeue,
+        dead=lambda buried, *, reason: queue.bury(
+            buried.job, reason=reason, attempts=buried.attempt
+        ),
+        # Pushed by the trigger: the host deletes this copy when the function returns.
+        defer=partial(queue.defer, pulled=False),
+    )
 
 
 jobs = func.Blueprint()  # type: ignore[no-untyped-call]
@@ -363,15 +266,11 @@ def _jobs(message: func.QueueMessage) -> None:
 
 def scan(name: str, timer: func.TimerRequest, context: func.Context) -> dict[str, Any]:
     """One timer tick -> one scan -> its result (also logged)."""
-    from kidp.scans import run_scan
-
     token = correlation_id.set(context.invocation_id)
     try:
         if timer.past_due:
             log.warning("scan is past due", extra={"scan": name})
-        result = run_scan(broker().scanner, name)
-        log.info("scan finished", extra={"scan": name, "result": result})
-        return {"scan": name, "result": result}
+        return scan_result(broker(), name, log=log)
     finally:
         correlation_id.reset(token)
 
@@ -397,33 +296,11 @@ for _name, _schedule in SCHEDULES.items():
 
 def dlq(request: func.HttpRequest, context: func.Context) -> func.HttpResponse:
     """``GET`` lists, ``POST {"action": ...}`` lists or redrives dead letters."""
-    from kidp import deadletters
-
     token = correlation_id.set(context.invocation_id)
     try:
         event = _dlq_event(request)
-        action = event.get("action", "list")
         b = broker()
-        if action == "list":
-            include = bool(event.get("includeResolved", False))
-            return _json(200, deadletters.list_dead(b.service, include_resolved=include))
-        if action == "redrive":
-            ids = event.get("ids")
-            result = deadletters.redrive(
-                b.service,
-                ids=None if ids is None else [str(i) for i in ids],
-                limit=int(event.get("limit", deadletters.REDRIVE_CALLBACKS_PER_CALL)),
-            )
-            log.info(
-                "dead letters redriven",
-                extra={
-                    "jobs": len(result["jobs"]["redriven"]),
-                    "callbacks": len(result["callbacks"]["resolved"]),
-                    "failed": len(result["callbacks"]["failed"]),
-                },
-            )
-            return _json(200, result)
-        raise ValidationFailed(f"unknown action '{action}': use list or redrive")
+        return _json(200, dead_letters(b, event, log=log))
     except BrokerError as exc:
         log.warning("dlq request refused", extra={"reason": exc.message})
         return _json(exc.http_status, exc.to_body())
