@@ -14,11 +14,8 @@ two test sessions on one machine never race for a port.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -26,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
 
+from kidp.childprocess import stop_process_group
 from kidp.errors import ValidationFailed
 
 __all__ = [
@@ -137,15 +135,7 @@ class Azurite:
 
     def stop(self) -> None:
         """Stop Azurite and every process it started (it runs in a group of its own)."""
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        stop_process_group(self.process)
 
 
 def start_azurite(

@@ -14,13 +14,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kidp.childprocess import stop_process_group
 from kidp.errors import ValidationFailed
 
 #: Where the emulator lives inside a Cloud SDK installation.
@@ -52,15 +52,7 @@ class PubSubEmulator:
 
     def stop(self) -> None:
         """Stop the emulator (the launcher's JVM too: it runs in its own group)."""
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        stop_process_group(self.process)
 
 
 def _free_port() -> int:
