@@ -434,7 +434,7 @@ def _work_record(b: Broker, queue: SqsJobQueue, record: SQSRecord) -> None:
         dead=queue.dead_letter,
         defer=queue.defer,
     )
-    if outcome is not None and outcome.action == "retry":
+    if outcome.action == "retry":
         # The message's visibility already holds the delay.
         raise RetryLater(f"retry in {outcome.delay:g} s: {outcome.reason}")
 

@@ -271,7 +271,7 @@ def work_delivery(
     retry: Requeue[D],
     dead: Bury[D],
     defer: Callable[[D], bool] | None = None,
-) -> Outcome | None:
+) -> Outcome:
     """Work one delivered job (:func:`kidp.work.work`, at most
     :func:`runs_per_job` times) with its deployment id as the correlation id,
     and settle the outcome through the platform's queue:
@@ -284,16 +284,16 @@ def work_delivery(
       writes the job to the dead letters.
 
     ``defer`` sends on a job delivered before it is due (a delay beyond what
-    the queue holds) and returns True; the job is then not worked and None is
-    returned. Otherwise the outcome is returned, for the edge to answer the
-    platform with."""
-    from kidp.work import work
+    the queue holds) and returns True; the job is then not worked, and this
+    delivery is done with (``ack``). The outcome is returned for the edge to
+    answer the platform with."""
+    from kidp.work import Outcome, work
 
     token = correlation_id.set(delivery.job.deployment_id)
     try:
         if defer is not None and defer(delivery):
             log.info("job deferred", extra={"kind": delivery.job.kind.value})
-            return None
+            return Outcome("ack", reason="deferred")
         outcome = work(
             b.service,
             delivery.job,
