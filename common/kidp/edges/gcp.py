@@ -69,12 +69,24 @@ import json
 import logging
 import os
 import re
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
+from kidp.edges.base import (
+    BrokerSlot,
+    LogRoute,
+    Stdout,
+    dead_letters,
+    dlq_action,
+    function_settings,
+    runs_per_job,
+    scan_named,
+    scan_result,
+    unavailable,
+    work_delivery,
+)
 from kidp.errors import (
     BrokerError,
     Forbidden,
@@ -89,7 +101,7 @@ if TYPE_CHECKING:
     from starlette.types import Receive, Scope, Send
 
     from kidp.bootstrap import Broker
-    from kidp.queues.pubsub import PubSubJobQueue
+    from kidp.queues.pubsub import PubSubDelivery, PubSubJobQueue
     from kidp.settings import Settings
 
 __all__ = [
@@ -173,66 +185,14 @@ class CloudLoggingFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-class _Stdout:
-    """Writes to whatever ``sys.stdout`` is at the time (the instance's log
-    stream; a test's captured output), not the object it was at import."""
-
-    def write(self, text: str) -> int:
-        return sys.stdout.write(text)
-
-    def flush(self) -> None:
-        sys.stdout.flush()
-
-
-_handler = logging.StreamHandler(_Stdout())
-
-
-def _route_logs(settings: Settings) -> None:
-    """Send every ``kidp.*`` record through the Cloud Logging formatter, once."""
-    _handler.setFormatter(CloudLoggingFormatter(settings.gcp_project))
-    kidp_log = logging.getLogger("kidp")
-    if _handler not in kidp_log.handlers:
-        kidp_log.addHandler(_handler)
-    # functions-framework puts its own handler on the root logger: without
-    # this, every line would be written twice.
-    kidp_log.propagate = False
-    kidp_log.setLevel(settings.log_level.upper())
-    # Client libraries log request bodies at DEBUG, secret values included.
-    for name in ("google", "urllib3", "httpx", "httpcore", "grpc", "aiohttp"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 # ------------------------------------------------------------------ broker
-
-
-class _Instance:
-    """What one function instance keeps between requests."""
-
-    broker: Broker | None = None
-
-
-_instance = _Instance()
 
 
 def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
     """``KIDP_*`` settings as a Cloud Function needs them (see the module docstring)."""
-    from kidp.settings import Settings
-
-    env = dict(os.environ if environ is None else environ)
-    env.setdefault("KIDP_CLOUD", "gcp")
-    # The function's source directory is read-only; /tmp is its writable place.
-    env.setdefault("KIDP_STATE_DIR", "/tmp/kidp")  # noqa: S108 - the instance's scratch space
-    settings = Settings.from_env(env)
-    missing = []
-    if not settings.jwt_secret and not settings.jwt_jwks_url:
-        missing.append("KIDP_JWT_SECRET or KIDP_JWT_JWKS_URL")
-    if not settings.callback_secret:
-        missing.append("KIDP_CALLBACK_SECRET")
-    if missing:
-        raise ValidationFailed(
-            f"set {' and '.join(missing)}: on Cloud Functions a development key made per "
-            "instance would disagree with every other instance"
-        )
+    settings = function_settings(
+        environ, platform="Cloud Functions", instance="instance", defaults={"KIDP_CLOUD": "gcp"}
+    )
     if not MIN_DELIVERIES <= settings.job_max_deliveries <= MAX_DELIVERIES:
         raise ValidationFailed(
             f"KIDP_JOB_MAX_DELIVERIES must be {MIN_DELIVERIES} to {MAX_DELIVERIES}: it is the "
@@ -251,46 +211,32 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
-def runs_per_job(settings: Settings) -> int:
-    """How often the jobs function runs one job: one less than the
-    subscription's ``maxDeliveryAttempts`` (``KIDP_JOB_MAX_DELIVERIES``), which
-    moves a message to the dead-letter topic on its own. The last delivery
-    only comes after the function died on every earlier one, and fails the
-    deployment with its callback without running the job again
-    (:func:`kidp.work.work`)."""
-    return settings.job_max_deliveries - 1
+_handler = logging.StreamHandler(Stdout())
 
 
-def broker() -> Broker:
-    """This instance's broker, built on first use."""
-    if _instance.broker is None:
-        from kidp.bootstrap import build
-
-        settings = settings_from_env()
-        _route_logs(settings)
-        _instance.broker = build(settings)
-    return _instance.broker
+def _cloud_logging_format(settings: Settings) -> None:
+    # The trace's resource name needs the project, known only from the settings.
+    _handler.setFormatter(CloudLoggingFormatter(settings.gcp_project))
 
 
-def install(built: Broker) -> None:
-    """Use ``built`` as this instance's broker: the door through which tests
-    hand in a broker wired with their own adapters."""
-    if _instance.broker is not None and _instance.broker is not built:
-        _instance.broker.close()
-    _route_logs(built.settings)
-    _instance.broker = built
+#: Every ``kidp.*`` record through the Cloud Logging formatter. Client
+#: libraries log request bodies at DEBUG, secret values included.
+_logs = LogRoute(
+    _handler,
+    quiet=("google", "urllib3", "httpx", "httpcore", "grpc", "aiohttp"),
+    configure=_cloud_logging_format,
+)
+#: What one function instance keeps between requests.
+_instance = BrokerSlot(settings_from_env, _logs)
 
-
-def reset() -> None:
-    """Forget this instance's broker (close it) and detach the log routing;
-    for tests, which change the environment between invocations."""
-    if _instance.broker is not None:
-        _instance.broker.close()
-    _instance.broker = None
-    kidp_log = logging.getLogger("kidp")
-    kidp_log.removeHandler(_handler)
-    kidp_log.propagate = True
-    kidp_log.setLevel(logging.NOTSET)
+#: This instance's broker, built on first use.
+broker = _instance.get
+#: Use a built broker as this instance's: the door through which tests hand in
+#: a broker wired with their own adapters.
+install = _instance.install
+#: Forget this instance's broker (close it) and detach the log routing; for
+#: tests, which change the environment between invocations.
+reset = _instance.reset
 
 
 def warm_up(target: str | None = None) -> None:
@@ -308,19 +254,6 @@ def warm_up(target: str | None = None) -> None:
         # Raised here it would fail the instance's start; the first request
         # builds again and answers with the documented error shape.
         log.error("broker not built at start", extra={"reason": exc.message})
-
-
-def _unavailable(exc: BrokerError) -> tuple[int, dict[str, Any]]:
-    """The answer when the broker cannot even be built (configuration)."""
-    log.error("broker unavailable", extra={"reason": exc.message})
-    if isinstance(exc, TemporaryError):
-        return exc.http_status, exc.to_body()
-    # A configuration error is the operator's, not the caller's.
-    return 500, {
-        "error": "internal_error",
-        "message": "the broker is misconfigured; its logs say how",
-        "code": 500,
-    }
 
 
 def _trace_id(headers: Mapping[str, str]) -> str:
@@ -391,7 +324,7 @@ def api_response() -> Any:
     try:
         app = broker().app
     except BrokerError as exc:
-        status, body = _unavailable(exc)
+        status, body = unavailable(exc, log=log)
         return JSONResponse(body, status_code=status)
     return _BrokerApp(app)
 
@@ -474,8 +407,6 @@ def work_message(message: PubSubMessage) -> str:
     """Work one pushed message and settle it (see the module docstring);
     returns the outcome's action. Raises :class:`RetryLater` to have Pub/Sub
     deliver the message again."""
-    from kidp.work import work
-
     b = broker()
     queue = _pubsub_queue(b)
     try:
@@ -488,33 +419,28 @@ def work_message(message: PubSubMessage) -> str:
     except InvalidRequest as exc:
         _dead_letter_raw(queue, message, exc.message)
         return "dead"
-    token = correlation_id.set(delivery.job.deployment_id)
-    try:
-        outcome = work(
-            b.service,
-            delivery.job,
-            attempt=delivery.attempt,
-            max_deliveries=runs_per_job(b.settings),
-        )
+    outcome = work_delivery(
+        b,
+        delivery,
+        log=log,
+        retry=_or_retry_later("retry", queue.retry),
+        dead=_or_retry_later("dead", queue.dead_letter),
+    )
+    return outcome.action
+
+
+def _or_retry_later(action: str, write: Callable[..., None]) -> Callable[..., None]:
+    """``write`` (settling a delivery on the queue) raising :class:`RetryLater`
+    when the queue is unavailable for now, so that Pub/Sub delivers the
+    message again."""
+
+    def settle(delivery: PubSubDelivery, **options: Any) -> None:
         try:
-            if outcome.action == "retry":
-                queue.retry(delivery, delay=outcome.delay)
-                log.info(
-                    "job will be retried",
-                    extra={
-                        "kind": delivery.job.kind.value,
-                        "attempt": delivery.attempt,
-                        "delaySeconds": outcome.delay,
-                        "reason": outcome.reason,
-                    },
-                )
-            elif outcome.action == "dead":
-                queue.dead_letter(delivery, reason=outcome.reason)
+            write(delivery, **options)
         except TemporaryError as exc:
-            raise RetryLater(f"{outcome.action} could not be recorded: {exc.message}") from None
-        return outcome.action
-    finally:
-        correlation_id.reset(token)
+            raise RetryLater(f"{action} could not be recorded: {exc.message}") from None
+
+    return settle
 
 
 def _dead_letter_raw(queue: PubSubJobQueue, message: PubSubMessage, reason: str) -> None:
@@ -560,21 +486,14 @@ def work_event(event_type: str, data: Any, *, push_body: Mapping[str, Any] | Non
 
 def scan_name(body: Any) -> str:
     """The scan a Cloud Scheduler request body asks for (``{"scan": "<name>"}``)."""
-    from kidp.scans import SCANS
-
     name = body.get("scan") if isinstance(body, Mapping) else None
-    if not isinstance(name, str) or name not in SCANS:
-        raise ValidationFailed(
-            f'the request names no known scan: give the scheduler job the body {{"scan": '
-            f'"<name>"}} with one of: {", ".join(SCANS)}'
-        )
-    return name
+    return scan_named(
+        name, source="the request", fix='give the scheduler job the body {"scan": "<name>"}'
+    )
 
 
 def scan_response(body: Any, headers: Mapping[str, str]) -> tuple[dict[str, Any], int]:
     """The ``scan`` function: a request body -> (JSON answer, status)."""
-    from kidp.scans import run_scan
-
     lowered = {k.lower(): v for k, v in headers.items()}
     token = correlation_id.set(
         lowered.get("x-correlation-id") or lowered.get("x-cloudscheduler-jobname", "") or "scan"
@@ -584,16 +503,13 @@ def scan_response(body: Any, headers: Mapping[str, str]) -> tuple[dict[str, Any]
         try:
             b = broker()
         except BrokerError as exc:
-            status, answer = _unavailable(exc)
+            status, answer = unavailable(exc, log=log)
             return answer, status
         try:
-            name = scan_name(body)
-            result = run_scan(b.scanner, name)
+            return scan_result(b, scan_name(body), log=log), 200
         except BrokerError as exc:
             log.warning("scan refused", extra={"reason": exc.message})
             return exc.to_body(), exc.http_status
-        log.info("scan finished", extra={"scan": name, "result": result})
-        return {"scan": name, "result": result}, 200
     finally:
         correlation_id.reset(token)
         _trace.reset(trace)
@@ -606,7 +522,6 @@ def dlq_response(
     method: str, body: Any, headers: Mapping[str, str], query: Mapping[str, str]
 ) -> tuple[dict[str, Any], int]:
     """The ``dlq`` function: a request -> (JSON answer, status)."""
-    from kidp import deadletters
     from kidp.callers import ALL_NAMESPACES, SCOPE_DEPLOY, SCOPE_READ
 
     lowered = {k.lower(): v for k, v in headers.items()}
@@ -614,7 +529,7 @@ def dlq_response(
     try:
         b = broker()
     except BrokerError as exc:
-        status, answer = _unavailable(exc)
+        status, answer = unavailable(exc, log=log)
         correlation_id.reset(token)
         return answer, status
     try:
@@ -623,9 +538,7 @@ def dlq_response(
             request = {"action": "list", "includeResolved": query.get("includeResolved") == "true"}
         elif method != "POST":
             raise InvalidRequest("use GET to list or POST with an action")
-        action = request.get("action", "list")
-        if action not in ("list", "redrive"):
-            raise ValidationFailed(f"unknown action '{action}': use list or redrive")
+        action = dlq_action(request)
         scheme, _, credential = lowered.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer":
             raise Unauthorized("missing bearer token")
@@ -633,25 +546,7 @@ def dlq_response(
         if ALL_NAMESPACES not in caller.namespaces:
             raise Forbidden("dead letters need a token for all namespaces ('*')")
         caller.require_scope(SCOPE_READ if action == "list" else SCOPE_DEPLOY)
-        if action == "list":
-            include = bool(request.get("includeResolved", False))
-            return deadletters.list_dead(b.service, include_resolved=include), 200
-        ids = request.get("ids")
-        result = deadletters.redrive(
-            b.service,
-            ids=None if ids is None else [str(i) for i in ids],
-            limit=int(request.get("limit", deadletters.REDRIVE_CALLBACKS_PER_CALL)),
-        )
-        log.info(
-            "dead letters redriven",
-            extra={
-                "subject": caller.subject,
-                "jobs": len(result["jobs"]["redriven"]),
-                "callbacks": len(result["callbacks"]["resolved"]),
-                "failed": len(result["callbacks"]["failed"]),
-            },
-        )
-        return result, 200
+        return dead_letters(b, request, log=log, extra={"subject": caller.subject}), 200
     except BrokerError as exc:
         if isinstance(exc, Unauthorized | Forbidden):
             log.warning("dead letters refused", extra={"reason": exc.message})
