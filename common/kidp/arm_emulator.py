@@ -74,10 +74,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from kidp.localhttp import JsonHandler
 
 if TYPE_CHECKING:
     from azure.core.credentials import AccessToken
@@ -1356,32 +1358,18 @@ def _matches(resource: Json, wanted: dict[str, str]) -> bool:
 # --- the HTTP server -------------------------------------------------------------
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     server: _Server
-    protocol_version = "HTTP/1.1"
     # Headers and body go out in two writes: without this, Nagle's algorithm and
     # the client's delayed ACK hold every answer back ~40 ms.
     disable_nagle_algorithm = True
 
-    def log_message(self, format: str, *args: Any) -> None:
-        return  # tests and the broker log their own way
-
     def _serve(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
         headers = {k.lower(): v for k, v in self.headers.items()}
-        status, extra, payload = self.server.arm.handle(self.command, self.path, headers, body)
-        data = json.dumps(payload).encode() if payload is not None else b""
-        self.send_response(status)
-        if payload is not None:
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("x-ms-request-id", str(uuid.uuid4()))
-        for name, value in extra.items():
-            self.send_header(name, value)
-        self.end_headers()
-        if data:
-            self.wfile.write(data)
+        status, extra, payload = self.server.arm.handle(
+            self.command, self.path, headers, self.read_body()
+        )
+        self.send_json(status, payload, {"x-ms-request-id": str(uuid.uuid4()), **extra})
 
     do_GET = do_PUT = do_PATCH = do_DELETE = do_POST = _serve  # noqa: N815
 

@@ -79,8 +79,6 @@ class CloudSqlAdminApi(GoogleApiServer):
         self.instances: dict[tuple[str, str], Instance] = {}
         #: (connection name, whether an OAuth token for IAM login came along).
         self.ephemeral_certs: list[tuple[str, bool]] = []
-        #: HTTP statuses to answer the next calls with (fault injection).
-        self.faults: list[int] = []
         #: While set, the status every call is answered with (an outage).
         self.outage: int | None = None
         self.route("GET", rf"/sql/v1beta4/{_INSTANCE}/connectSettings", self._connect_settings)
@@ -92,8 +90,7 @@ class CloudSqlAdminApi(GoogleApiServer):
         with self.lock:
             if self.outage is not None:
                 raise ApiError(self.outage, "injected outage")
-            if self.faults:
-                raise ApiError(self.faults.pop(0), "injected fault")
+            self._fault()
             instance = self.instances.get((request.match.group(1), request.match.group(2)))
         if instance is None:
             raise ApiError(404, "The Cloud SQL instance does not exist.")

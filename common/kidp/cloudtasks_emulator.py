@@ -87,8 +87,6 @@ class CloudTasksEmulator(GoogleApiServer):
         self.tasks: dict[str, _Task] = {}
         #: Names of finished tasks: Cloud Tasks refuses to reuse a name for a while.
         self.tombstones: set[str] = set()
-        #: HTTP statuses to answer the next task creations with (fault injection).
-        self.faults: list[int] = []
         #: (task name, status or error) of every dispatch, in order.
         self.dispatched: list[tuple[str, int | str]] = []
         #: Every task created, with the delay it was created with (seconds).
@@ -172,9 +170,7 @@ class CloudTasksEmulator(GoogleApiServer):
             raise ApiError(400, "the task's url must be http(s)")
         with self.lock:
             self._queue(queue_name)
-            if self.faults:
-                status = self.faults.pop(0)
-                raise ApiError(status, "injected fault")
+            self._fault()
             name = spec.get("name") or f"{queue_name}/tasks/{next(self._order)}{time.time_ns()}"
             if not name.startswith(queue_name + "/tasks/"):
                 raise ApiError(400, "task name must be under its queue")

@@ -55,29 +55,21 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from kidp.gcp_standin import STATUS_NAMES
+from kidp.localhttp import JsonHandler
 
 if TYPE_CHECKING:
     from kidp.emulator import EmulatedCloud
 
 JSON = dict[str, Any]
 
-_STATUS_NAMES = {
-    400: "INVALID_ARGUMENT",
-    401: "UNAUTHENTICATED",
-    403: "PERMISSION_DENIED",
-    404: "NOT_FOUND",
-    409: "ALREADY_EXISTS",
-    412: "FAILED_PRECONDITION",
-    429: "RESOURCE_EXHAUSTED",
-    500: "INTERNAL",
-    502: "UNAVAILABLE",
-    503: "UNAVAILABLE",
-    504: "DEADLINE_EXCEEDED",
-}
+#: Google's status names, with the gateway errors :meth:`GcpEmulator.fail_next` may inject.
+_STATUS_NAMES = {**STATUS_NAMES, 502: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 _LEGACY_REASONS = {
     400: "invalid",
     403: "forbidden",
@@ -1236,28 +1228,15 @@ _ROUTES = _routes()
 TOKEN_PATH = "/token"  # noqa: S105 - a URL path, not a secret
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(JsonHandler):
     state: GcpEmulator
 
-    def log_message(self, format: str, *args: Any) -> None:
-        return
-
-    def _answer(self, status: int, body: JSON | None) -> None:
-        data = b"" if body is None else json.dumps(body).encode()
-        self.send_response(status)
-        if body is not None:
-            self.send_header("Content-Type", "application/json; charset=UTF-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _handle(self, method: str) -> None:
+    def _handle(self) -> None:
+        method = self.command
         url = urlsplit(self.path)
         path = unquote(url.path) if "/o/" not in url.path else url.path
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
+        raw = self.read_body()
         state = self.state
         with state.lock:
             state.requests.append((method, path))
@@ -1269,12 +1248,12 @@ class _Handler(BaseHTTPRequestHandler):
                     self.connection.shutdown(2)
                 return
             error = ApiError(fault.status, fault.message, reason=fault.reason)
-            self._answer(fault.status, error.body())
+            self.send_json(fault.status, error.body())
             return
         if (method, path) == ("POST", TOKEN_PATH):
             # OAuth 2.0 token endpoint of the emulated ADC file (see start_gcp):
             # any refresh token buys a short-lived bearer token.
-            self._answer(
+            self.send_json(
                 200,
                 {
                     "access_token": "emulated-access-token",
@@ -1286,7 +1265,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = json.loads(raw) if raw else {}
         except ValueError:
-            self._answer(400, ApiError(400, "Invalid JSON payload received.").body())
+            self.send_json(400, ApiError(400, "Invalid JSON payload received.").body())
             return
         for route_method, pattern, handler in _ROUTES:
             if route_method != method:
@@ -1299,26 +1278,13 @@ class _Handler(BaseHTTPRequestHandler):
                     result = handler(state, match, query, body)
                     data = None if result is None else json.loads(json.dumps(result))
             except ApiError as error:
-                self._answer(error.code, error.body())
+                self.send_json(error.code, error.body())
                 return
-            self._answer(204 if data is None else 200, data)
+            self.send_json(204 if data is None else 200, data)
             return
-        self._answer(404, ApiError(404, f"No route for {method} {path}").body())
+        self.send_json(404, ApiError(404, f"No route for {method} {path}").body())
 
-    def do_GET(self) -> None:
-        self._handle("GET")
-
-    def do_POST(self) -> None:
-        self._handle("POST")
-
-    def do_PUT(self) -> None:
-        self._handle("PUT")
-
-    def do_PATCH(self) -> None:
-        self._handle("PATCH")
-
-    def do_DELETE(self) -> None:
-        self._handle("DELETE")
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle  # noqa: N815
 
 
 def start_gcp_emulator(

@@ -27,6 +27,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from kidp.localhttp import JsonHandler
+
 log = logging.getLogger(__name__)
 
 #: Google's status names for the HTTP statuses the stand-ins answer with.
@@ -109,25 +111,16 @@ class GoogleApiServer:
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
         self.lock = threading.RLock()
         self.requests: list[tuple[str, str]] = []
+        #: HTTP statuses to answer the next calls with (fault injection), by
+        #: the methods that call :meth:`_fault`.
+        self.faults: list[int] = []
         server = self
 
-        class _Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
+        class _Handler(JsonHandler):
+            def _dispatch(self) -> None:
                 server._dispatch(self)
 
-            def do_POST(self) -> None:
-                server._dispatch(self)
-
-            def do_PATCH(self) -> None:
-                server._dispatch(self)
-
-            def do_PUT(self) -> None:
-                server._dispatch(self)
-
-            def do_DELETE(self) -> None:
-                server._dispatch(self)
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _dispatch  # noqa: N815
 
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("%s stand-in: " + format, server.service, *args)
@@ -151,15 +144,19 @@ class GoogleApiServer:
     def start(self) -> None:
         self._thread.start()
 
+    def _fault(self) -> None:
+        """Raise the next injected fault, if any (under :attr:`lock`)."""
+        if self.faults:
+            raise ApiError(self.faults.pop(0), "injected fault")
+
     def stop(self) -> None:
         """Stop serving and release the port."""
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def _dispatch(self, http: BaseHTTPRequestHandler) -> None:
+    def _dispatch(self, http: JsonHandler) -> None:
         parts = urlsplit(http.path)
-        length = int(http.headers.get("Content-Length") or 0)
-        raw = http.rfile.read(length) if length else b""
+        raw = http.read_body()
         status: int
         answer: Any
         try:
@@ -168,12 +165,7 @@ class GoogleApiServer:
             status, answer = 400, ApiError(400, "the body is not JSON").body()
         else:
             status, answer = self._answer(http, parts.path, parts.query, body)
-        data = json.dumps(answer).encode()
-        http.send_response(status)
-        http.send_header("Content-Type", "application/json; charset=UTF-8")
-        http.send_header("Content-Length", str(len(data)))
-        http.end_headers()
-        http.wfile.write(data)
+        http.send_json(status, answer)
 
     def _answer(
         self, http: BaseHTTPRequestHandler, path: str, query: str, body: Any

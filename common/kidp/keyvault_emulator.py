@@ -45,11 +45,12 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
+from kidp.localhttp import JsonHandler
 from kidp.localtls import issue_tls_files, server_context
 
 __all__ = ["AUDIENCE", "KeyVaultEmulator", "start_keyvault"]
@@ -265,38 +266,20 @@ def start_keyvault(
 # --------------------------------------------------------------------------- servers
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
+class _Handler(JsonHandler):
     @property
     def emulator(self) -> KeyVaultEmulator:
         emulator: KeyVaultEmulator = self.server.emulator  # type: ignore[attr-defined]
         return emulator
 
-    def log_message(self, format: str, *args: Any) -> None:
-        return  # quiet: the requests are recorded in ``requests``
-
-    def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
-
     def _reply(self, status: int, body: Any = None, headers: dict[str, str] | None = None) -> None:
-        data = b"" if body is None else json.dumps(body).encode()
-        self.send_response(status)
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if body is not None:
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("x-ms-request-id", secrets.token_hex(8))
-        self.end_headers()
-        self.wfile.write(data)
+        self.send_json(status, body, {**(headers or {}), "x-ms-request-id": secrets.token_hex(8)})
 
 
 class _IdentityHandler(_Handler):
     """The App Service managed identity endpoint (api-version 2019-08-01)."""
 
-    def do_GET(self) -> None:
+    def do_GET(self) -> None:  # noqa: N802 - the method name http.server calls
         emulator = self.emulator
         query = parse_qs(urlsplit(self.path).query)
         resource = (query.get("resource") or [""])[0]
@@ -327,25 +310,11 @@ class _IdentityHandler(_Handler):
 class _VaultHandler(_Handler):
     """Key Vault's secrets API (see the module docstring)."""
 
-    def do_GET(self) -> None:
-        self._serve("GET")
-
-    def do_PUT(self) -> None:
-        self._serve("PUT")
-
-    def do_PATCH(self) -> None:
-        self._serve("PATCH")
-
-    def do_DELETE(self) -> None:
-        self._serve("DELETE")
-
-    def do_POST(self) -> None:
-        self._serve("POST")
-
-    def _serve(self, method: str) -> None:
+    def _serve(self) -> None:
         emulator = self.emulator
+        method = self.command
         parts = urlsplit(self.path)
-        body = self._body()
+        body = self.read_body()
         authorized = self._authorized()
         with emulator._lock:
             emulator.requests.append((method, parts.path, authorized))
@@ -398,6 +367,8 @@ class _VaultHandler(_Handler):
         with self.emulator._lock:
             found = self.emulator._tokens.get(header.removeprefix("Bearer ").strip())
         return found is not None and found[0] == AUDIENCE and found[1] > time.time()
+
+    do_GET = do_PUT = do_PATCH = do_DELETE = do_POST = _serve  # noqa: N815
 
 
 def _route(

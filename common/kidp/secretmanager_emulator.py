@@ -80,8 +80,6 @@ class SecretManagerEmulator(GoogleApiServer):
     def __init__(self) -> None:
         super().__init__()
         self.secrets: dict[str, _Secret] = {}
-        #: HTTP statuses to answer the next calls with (fault injection).
-        self.faults: list[int] = []
         project = r"projects/[^/]+"
         secret = rf"{project}/secrets/[^/:]+"
         self.route("POST", rf"/v1/({project})/secrets", self._create)
@@ -97,10 +95,6 @@ class SecretManagerEmulator(GoogleApiServer):
         with self.lock:
             versions = self.secrets[name].versions
             return versions[(version or len(versions)) - 1][1]
-
-    def _fault(self) -> None:
-        if self.faults:
-            raise ApiError(self.faults.pop(0), "injected fault")
 
     def _secret(self, name: str) -> _Secret:
         secret = self.secrets.get(name)
