@@ -255,6 +255,21 @@ class _Type:
 _DNS = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _FLEXIBLE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])$")
 
+
+def _flexible_server(state: str, ready: Callable[[Json, ArmEmulator], None]) -> _Type:
+    """A PostgreSQL or MySQL flexible server: ARM treats both alike but for the
+    ``state`` a create shows and what the service fills in once ``ready``."""
+    return _Type(
+        put_new=202,
+        put_existing=202,
+        name_rule=_FLEXIBLE,
+        name_hint="lowercase letters, digits and hyphens, 3-63, not starting or ending with '-'",
+        secrets=("administratorLoginPassword",),
+        creating=(("state", state),),
+        ready=ready,
+    )
+
+
 TYPES: dict[str, _Type] = {
     "microsoft.sql/servers": _Type(
         name_rule=_DNS,
@@ -273,24 +288,8 @@ TYPES: dict[str, _Type] = {
         tracked=False,
         implicit={"properties": {"retentionDays": 7, "diffBackupIntervalInHours": 12}},
     ),
-    "microsoft.dbforpostgresql/flexibleservers": _Type(
-        put_new=202,
-        put_existing=202,
-        name_rule=_FLEXIBLE,
-        name_hint="lowercase letters, digits and hyphens, 3-63, not starting or ending with '-'",
-        secrets=("administratorLoginPassword",),
-        creating=(("state", "Provisioning"),),
-        ready=_postgres,
-    ),
-    "microsoft.dbformysql/flexibleservers": _Type(
-        put_new=202,
-        put_existing=202,
-        name_rule=_FLEXIBLE,
-        name_hint="lowercase letters, digits and hyphens, 3-63, not starting or ending with '-'",
-        secrets=("administratorLoginPassword",),
-        creating=(("state", "Updating"),),
-        ready=_mysql,
-    ),
+    "microsoft.dbforpostgresql/flexibleservers": _flexible_server("Provisioning", _postgres),
+    "microsoft.dbformysql/flexibleservers": _flexible_server("Updating", _mysql),
     "microsoft.cache/redis": _Type(
         name_rule=re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"),
         name_hint="letters, digits and hyphens, 1-63, not starting or ending with '-'",
