@@ -80,10 +80,11 @@ from kidp.edges.base import (
     runs_per_job,
     scan_named,
     scan_result,
+    trigger_queue,
     unavailable,
     work_delivery,
 )
-from kidp.errors import BrokerError, ValidationFailed
+from kidp.errors import BrokerError
 from kidp.observability import correlation_id
 
 if TYPE_CHECKING:
@@ -405,12 +406,11 @@ class RetryLater(Exception):
 def _sqs_queue(b: Broker) -> SqsJobQueue:
     from kidp.queues.sqs import SqsJobQueue
 
-    queue = b.service.queue
-    if not isinstance(queue, SqsJobQueue):
-        raise ValidationFailed(
-            "the worker function needs KIDP_QUEUE_URL to be the SQS queue that triggers it"
-        )
-    return queue
+    return trigger_queue(
+        b,
+        SqsJobQueue,
+        needs="the worker function needs KIDP_QUEUE_URL to be the SQS queue that triggers it",
+    )
 
 
 def _work_record(b: Broker, queue: SqsJobQueue, record: SQSRecord) -> None:

@@ -77,6 +77,7 @@ from kidp.edges.base import (
     require_spare_delivery,
     runs_per_job,
     scan_result,
+    trigger_queue,
     unavailable,
     work_delivery,
 )
@@ -215,12 +216,11 @@ async def _unavailable(exc: BrokerError, send: Send) -> None:
 def _azure_queue(b: Broker) -> AzureStorageJobQueue:
     from kidp.queues.azurequeue import AzureStorageJobQueue
 
-    queue = b.service.queue
-    if not isinstance(queue, AzureStorageJobQueue):
-        raise ValidationFailed(
-            "the jobs function needs KIDP_QUEUE_URL to be the Storage Queue that triggers it"
-        )
-    return queue
+    return trigger_queue(
+        b,
+        AzureStorageJobQueue,
+        needs="the jobs function needs KIDP_QUEUE_URL to be the Storage Queue that triggers it",
+    )
 
 
 def work_message(message: func.QueueMessage) -> None:

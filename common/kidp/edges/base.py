@@ -57,6 +57,7 @@ __all__ = [
     "runs_per_job",
     "scan_named",
     "scan_result",
+    "trigger_queue",
     "unavailable",
     "work_delivery",
 ]
@@ -66,6 +67,7 @@ __all__ = [
 STATE_DIR: Final = "/tmp/kidp"  # noqa: S108 - the function's scratch space
 
 D = TypeVar("D", bound="Delivery")
+Q = TypeVar("Q")
 D_contra = TypeVar("D_contra", bound="Delivery", contravariant=True)
 
 
@@ -249,6 +251,16 @@ def unavailable(exc: BrokerError, *, log: logging.Logger) -> tuple[int, dict[str
 
 
 # ----------------------------------------------------------------------- jobs
+
+
+def trigger_queue(b: Broker, kind: type[Q], *, needs: str) -> Q:
+    """The broker's job queue, which must be the ``kind`` of queue that
+    triggers the function (its deliveries are read and settled as that
+    queue's); ``ValidationFailed`` saying what the function ``needs`` otherwise."""
+    queue = b.service.queue
+    if not isinstance(queue, kind):
+        raise ValidationFailed(needs)
+    return queue
 
 
 class Requeue(Protocol[D_contra]):

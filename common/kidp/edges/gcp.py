@@ -84,6 +84,7 @@ from kidp.edges.base import (
     runs_per_job,
     scan_named,
     scan_result,
+    trigger_queue,
     unavailable,
     work_delivery,
 )
@@ -394,13 +395,14 @@ def pubsub_message(
 def _pubsub_queue(b: Broker) -> PubSubJobQueue:
     from kidp.queues.pubsub import PubSubJobQueue
 
-    queue = b.service.queue
-    if not isinstance(queue, PubSubJobQueue):
-        raise ValidationFailed(
+    return trigger_queue(
+        b,
+        PubSubJobQueue,
+        needs=(
             "the jobs function needs KIDP_QUEUE_URL to be the Pub/Sub topic that triggers it "
             "(pubsub://<project>/<topic>)"
-        )
-    return queue
+        ),
+    )
 
 
 def work_message(message: PubSubMessage) -> str:
