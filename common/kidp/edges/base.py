@@ -11,8 +11,9 @@ core calls. Between the translating they do the same things, written once here:
   (:class:`BrokerSlot`), and route ``kidp.*`` logs through the platform's JSON
   handler (:class:`LogRoute`);
 * answer when the broker cannot even be built (:func:`unavailable`);
-* work one delivered job and settle its outcome through the platform's queue
-  (:func:`work_delivery`);
+* check that the broker's queue is the one triggering the function
+  (:func:`trigger_queue`), and work one delivered job, settling its outcome
+  through that queue (:func:`work_delivery`);
 * name and run a scan (:func:`scan_named`, :func:`scan_result`);
 * list or redrive dead letters (:func:`dlq_action`, :func:`dead_letters`).
 
@@ -48,7 +49,9 @@ if TYPE_CHECKING:
 __all__ = [
     "STATE_DIR",
     "BrokerSlot",
+    "Bury",
     "LogRoute",
+    "Requeue",
     "Stdout",
     "dead_letters",
     "dlq_action",
