@@ -21,6 +21,7 @@ from azure.mgmt.redis import RedisManagementClient
 from azure.mgmt.resource.resources import ResourceManagementClient
 from azure.mgmt.sql import SqlManagementClient
 from azure.mgmt.storage import StorageManagementClient
+from tests.emulated_cloud_support import emulated_settings, healthy_broker
 
 from kidp.arm_emulator import (
     ArmEmulatorCredential,
@@ -28,8 +29,6 @@ from kidp.arm_emulator import (
     start_arm_emulator,
     start_azure,
 )
-from kidp.models import ResourceType
-from kidp.settings import Settings
 
 GROUP = "kidp"
 SERVER = {
@@ -226,28 +225,17 @@ def test_the_azure_starter_gives_settings_for_a_working_emulated_broker(
     # the starter runs one of its own, as serve --emulate does.
     cloud = start_azure(tmp_path)
     try:
-        for name, value in cloud.environ.items():
-            assert value is not None
-            monkeypatch.setenv(name, value)
-        settings = Settings(state_dir=tmp_path / "state", **cloud.settings)
+        settings = emulated_settings(cloud, monkeypatch, state_dir=tmp_path / "state")
         assert settings.cloud == "azure"
         assert settings.azure_credential == "emulator"
         assert Path(str(settings.azure_arm_ca_file)).is_file()
-        from kidp.bootstrap import build
         from kidp.queues.azurequeue import AzureStorageJobQueue
         from kidp.secrets.keyvault import KeyVaultSecretStore
         from kidp.stores.azuretable import TableDeploymentStore
 
-        broker = build(settings)
-        try:
-            service = broker.service
+        with healthy_broker(settings) as service:
             assert isinstance(service.store, TableDeploymentStore)
             assert isinstance(service.queue, AzureStorageJobQueue)
             assert isinstance(service.secrets, KeyVaultSecretStore)
-            ok, health = service.health()
-            assert ok, health
-            assert set(service.provider.supported()) == set(ResourceType)
-        finally:
-            broker.close()
     finally:
         cloud.stop()

@@ -9,6 +9,7 @@ import httpx
 import pytest
 from google.api_core import exceptions
 from google.auth.credentials import AnonymousCredentials
+from tests.emulated_cloud_support import emulated_settings, healthy_broker
 
 from kidp.gcp_emulator import GcpEmulator, start_gcp_emulator
 
@@ -96,34 +97,22 @@ def test_the_emulated_cloud_gives_settings_for_a_working_broker(
 ) -> None:
     # pubsub_emulator_host proves the emulator is installed (or fails under
     # CI=true); the starter runs one of its own, as serve --emulate does.
-    from kidp.bootstrap import build
     from kidp.gcp_emulator import start_gcp
-    from kidp.models import ResourceType
     from kidp.queues.pubsub import PubSubJobQueue
     from kidp.secrets.gcpsecretmanager import SecretManagerStore
-    from kidp.settings import Settings
 
     monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub_emulator_host)  # restored afterwards
     cloud = start_gcp(tmp_path)
     try:
-        for name, value in cloud.environ.items():
-            assert value is not None
-            monkeypatch.setenv(name, value)
-        settings = Settings(
+        settings = emulated_settings(
+            cloud,
+            monkeypatch,
             state_dir=tmp_path / "state",
             store_url=f"sqlite:///{tmp_path}/broker.db",
-            **cloud.settings,
         )
         assert settings.cloud == "gcp" and settings.gcp_topics
-        broker = build(settings)
-        try:
-            service = broker.service
+        with healthy_broker(settings) as service:
             assert isinstance(service.queue, PubSubJobQueue)
             assert isinstance(service.secrets, SecretManagerStore)
-            ok, health = service.health()
-            assert ok, health
-            assert set(service.provider.supported()) == set(ResourceType)
-        finally:
-            broker.close()
     finally:
         cloud.stop()
