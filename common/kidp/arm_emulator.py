@@ -79,7 +79,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from kidp.localhttp import JsonHandler
+from kidp.localhttp import JsonHandler, serve_in_thread, stop_serving
 
 if TYPE_CHECKING:
     from azure.core.credentials import AccessToken
@@ -1374,7 +1374,6 @@ class _Handler(JsonHandler):
 
 
 class _Server(ThreadingHTTPServer):
-    daemon_threads = True
     arm: ArmEmulator
 
 
@@ -1382,7 +1381,6 @@ class RunningArmEmulator(ArmEmulator):
     """An :class:`ArmEmulator` serving on loopback: ``url``, ``ca_file``, ``stop()``."""
 
     _server: _Server | None = None
-    _thread: threading.Thread | None = None
 
     def serve(self, *, port: int = 0, tls: bool = True, directory: Path | None = None) -> None:
         server = _Server(("127.0.0.1", port), _Handler)
@@ -1401,17 +1399,12 @@ class RunningArmEmulator(ArmEmulator):
             scheme = "https"
         self.url = f"{scheme}://127.0.0.1:{server.server_address[1]}"
         self._server = server
-        # A short poll interval: stop() waits for it, and tests stop one per test.
-        self._thread = threading.Thread(
-            target=server.serve_forever, args=(0.05,), name="arm-emulator", daemon=True
-        )
-        self._thread.start()
+        serve_in_thread(server, "arm-emulator")
 
     def stop(self) -> None:
         """Stop serving and close the socket."""
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            stop_serving(self._server)
             self._server = None
 
 

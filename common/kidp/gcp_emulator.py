@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from kidp.gcp_standin import STATUS_NAMES
-from kidp.localhttp import JsonHandler
+from kidp.localhttp import JsonHandler, serve_in_thread, stop_serving
 
 if TYPE_CHECKING:
     from kidp.emulator import EmulatedCloud
@@ -209,7 +209,6 @@ class GcpEmulator:
         self.quota_metrics: dict[tuple[str, str], list[JSON]] = {}
         self.server: ThreadingHTTPServer | None = None
         self.url = ""
-        self._thread: threading.Thread | None = None
 
     # --- life ------------------------------------------------------------
 
@@ -220,24 +219,15 @@ class GcpEmulator:
         class Handler(_Handler):
             state = emulator
 
-        server = ThreadingHTTPServer((host, port), Handler)
-        server.daemon_threads = True
-        self.server = server
+        self.server = ThreadingHTTPServer((host, port), Handler)
         self.url = f"http://{host}:{self.server.server_address[1]}/"
-        self._thread = threading.Thread(
-            # A short poll interval makes stop() quick (tests start one each).
-            target=lambda: server.serve_forever(poll_interval=0.05),
-            name="gcp-emulator",
-            daemon=True,
-        )
-        self._thread.start()
+        serve_in_thread(self.server, "gcp-emulator")
         return self
 
     def stop(self) -> None:
         """Stop serving and close the socket."""
         if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+            stop_serving(self.server)
             self.server = None
 
     # --- controls for tests ---------------------------------------------------

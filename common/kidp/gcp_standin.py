@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from kidp.localhttp import JsonHandler
+from kidp.localhttp import JsonHandler, serve_in_thread, stop_serving
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +126,6 @@ class GoogleApiServer:
                 log.debug("%s stand-in: " + format, server.service, *args)
 
         self._httpd = ThreadingHTTPServer((host, port), _Handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name=f"{self.service}-standin", daemon=True
-        )
 
     @property
     def url(self) -> str:
@@ -142,7 +138,8 @@ class GoogleApiServer:
         self._routes.append((method, re.compile(pattern), handler))
 
     def start(self) -> None:
-        self._thread.start()
+        """Serve, from a thread of its own."""
+        serve_in_thread(self._httpd, f"{self.service}-standin")
 
     def _fault(self) -> None:
         """Raise the next injected fault, if any (under :attr:`lock`)."""
@@ -151,8 +148,7 @@ class GoogleApiServer:
 
     def stop(self) -> None:
         """Stop serving and release the port."""
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        stop_serving(self._httpd)
 
     def _dispatch(self, http: JsonHandler) -> None:
         parts = urlsplit(http.path)

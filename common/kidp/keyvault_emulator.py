@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
-from kidp.localhttp import JsonHandler
+from kidp.localhttp import JsonHandler, serve_in_thread, stop_serving
 from kidp.localtls import issue_tls_files, server_context
 
 __all__ = ["AUDIENCE", "KeyVaultEmulator", "start_keyvault"]
@@ -215,8 +215,7 @@ class KeyVaultEmulator:
     def stop(self) -> None:
         """Stop both servers and remove the certificate files."""
         for server in self._servers:
-            server.shutdown()
-            server.server_close()
+            stop_serving(server)
         if self._directory is not None:
             self._directory.cleanup()
 
@@ -258,8 +257,7 @@ def start_keyvault(
     )
     for server in (vault, identity):
         server.emulator = emulator  # type: ignore[attr-defined]
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, name="kidp-keyvault", daemon=True).start()
+        serve_in_thread(server, "kidp-keyvault")
     return emulator
 
 

@@ -1,4 +1,4 @@
-"""The request handler every local stand-in's HTTP server builds on.
+"""The request handler every local stand-in's HTTP server builds on, and its thread.
 
 The ARM, Key Vault and Google API stand-ins are standard library HTTP servers
 that read a JSON body and answer one: what they share is here, what each
@@ -8,11 +8,12 @@ cloud adds (its error shape, its request ids) stays in its module.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["JsonHandler"]
+__all__ = ["JsonHandler", "serve_in_thread", "stop_serving"]
 
 
 class JsonHandler(BaseHTTPRequestHandler):
@@ -43,3 +44,20 @@ class JsonHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if data:
             self.wfile.write(data)
+
+
+def serve_in_thread(server: ThreadingHTTPServer, name: str) -> threading.Thread:
+    """Serve ``server`` from a daemon thread named ``name``, its request
+    threads daemons too (a stand-in never keeps the process alive);
+    :func:`stop_serving` ends it."""
+    server.daemon_threads = True
+    # A short poll interval: shutdown() waits for one, and tests stop a stand-in per test.
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def stop_serving(server: ThreadingHTTPServer) -> None:
+    """Stop serving and release the port."""
+    server.shutdown()
+    server.server_close()
