@@ -132,6 +132,18 @@ def redis_url() -> str:
     return f"redis://{host}:{port}/0"
 
 
+@pytest.fixture(autouse=True)
+def fresh_azure_credential() -> Iterator[None]:
+    """Each test gets a new process-wide Azure credential: it reads the managed
+    identity endpoint once, and each Key Vault stand-in serves its own."""
+    import sys
+
+    yield
+    dataplane = sys.modules.get("kidp.providers.azure.dataplane")
+    if dataplane is not None:
+        dataplane.default_credential.forget()
+
+
 @pytest.fixture(scope="session")
 def pubsub_emulator_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The Google Cloud CLI's Pub/Sub emulator, started once for the session;

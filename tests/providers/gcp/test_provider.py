@@ -27,6 +27,7 @@ from kidp.gcp_emulator import GcpEmulator
 from kidp.models import Phase, ResourceType
 from kidp.ports import CloudProvider
 from kidp.providers.gcp import GcpProvider
+from kidp.secretmanager_emulator import start_secretmanager_emulator
 
 
 def test_satisfies_the_cloud_provider_protocol_and_offers_the_catalogue(
@@ -264,7 +265,15 @@ def test_the_whole_broker_provisions_to_ready_and_deletes_on_gcp(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     provider = new_provider(emulator, gcp_project)
-    h = make_broker(adapters={"provider": provider}, cloud="gcp", region=REGION)
+    # Credentials go to Secret Manager (the stand-in), as on GCP.
+    secrets = start_secretmanager_emulator()
+    h = make_broker(
+        adapters={"provider": provider},
+        cloud="gcp",
+        region=REGION,
+        gcp_project=gcp_project,
+        gcp_secretmanager_endpoint=secrets.url,
+    )
 
     accepted = h.submit()
     h.drain()
@@ -273,6 +282,7 @@ def test_the_whole_broker_provisions_to_ready_and_deletes_on_gcp(
     assert deployment.phase is Phase.READY, deployment.message
     ready = h.receiver.log[-1][1]
     assert ready["phase"] == "Ready"
+    assert ready["additionalMetadata"]["secretRef"]["store"] == "gcp-secretmanager"
     assert ready["port"] == 5432 and ready["endpoint"]
     assert ready["estimatedMonthlyCost"] > 0
     (instance,) = operator.sql_instances()
@@ -291,6 +301,7 @@ def test_the_whole_broker_provisions_to_ready_and_deletes_on_gcp(
     assert h.store.get(accepted.deployment_id).phase is Phase.DELETED
     assert h.phases()[-2:] == ["Deleting", "Deleted"]
     assert operator.sql_instances() == []
+    secrets.stop()
 
 
 def test_the_broker_answers_a_topic_without_pubsub_with_a_400(
@@ -299,7 +310,10 @@ def test_the_broker_answers_a_topic_without_pubsub_with_a_400(
     from kidp.errors import ValidationFailed
 
     h = make_broker(
-        adapters={"provider": new_provider(emulator, gcp_project)}, cloud="gcp", region=REGION
+        adapters={"provider": new_provider(emulator, gcp_project)},
+        cloud="gcp",
+        region=REGION,
+        secret_store="local",
     )
     with pytest.raises(ValidationFailed, match="not supported"):
         h.submit(resourceType="topic", resourceName="orders", spec={"engine": "pubsub"})
