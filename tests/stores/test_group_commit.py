@@ -120,3 +120,99 @@ def test_a_failed_commit_fails_every_member_of_the_batch(
 def test_writers_on_one_file_share_one_group(engine: Any) -> None:
     a, b = write_engine(engine), write_engine(engine)
     assert isinstance(a._group, GroupCommit) and a._group is b._group
+
+
+def test_a_failed_commit_fails_every_member_and_no_acknowledged_write_is_lost(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = write_engine(engine)
+    real = sa.engine.RootTransaction.commit
+    refused = threading.Event()
+
+    def refuse_once(self: Any) -> None:
+        if not refused.is_set():
+            refused.set()
+            raise sa.exc.OperationalError("COMMIT", {}, Exception("disk I/O error"))
+        real(self)
+
+    monkeypatch.setattr(sa.engine.RootTransaction, "commit", refuse_once)
+    barrier = threading.Barrier(8)
+    outcome: dict[int, str] = {}
+
+    def member(n: int) -> None:
+        barrier.wait()
+        try:
+            with writer.begin() as conn:
+                conn.execute(sa.insert(rows).values(id=n, writer=n))
+            outcome[n] = "ok"
+        except StoreUnavailable:
+            outcome[n] = "refused"
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(member, range(8)))
+
+    acknowledged = {n for n, result in outcome.items() if result == "ok"}
+    assert "refused" in outcome.values()
+    assert acknowledged == {r[0] for r in stored(engine)}  # told the truth, each of them
+
+
+def test_a_duplicate_against_a_row_in_the_same_batch_is_a_duplicate_not_an_error(
+    tmp_path: Path,
+) -> None:
+    # A client and its retry race (same X-Request-ID) while other writers keep
+    # batches open: the loser must see the winner (DuplicateDeployment), never
+    # the raw constraint error it hit on the winner's still uncommitted row.
+    from tests.stores.conftest import new_deployment
+
+    from kidp.errors import DuplicateDeployment
+    from kidp.stores.sql import SqlDeploymentStore
+
+    store = SqlDeploymentStore(f"sqlite:///{tmp_path / 'store.db'}")
+    stop = threading.Event()
+    counter = iter(range(10**9))
+
+    def background() -> None:
+        while not stop.is_set():
+            store.create(new_deployment(f"bg-{next(counter)}"))
+
+    writers = [threading.Thread(target=background) for _ in range(8)]
+    for thread in writers:
+        thread.start()
+    results: list[str] = []
+    try:
+        for race in range(150):
+            barrier = threading.Barrier(3)
+
+            def attempt(race: int = race, barrier: threading.Barrier = barrier) -> None:
+                barrier.wait()
+                try:
+                    store.create(new_deployment(f"pair-{race}", request_id=f"req-{race}"))
+                    results.append("created")
+                except DuplicateDeployment:
+                    results.append("duplicate")
+                except Exception as error:
+                    results.append(type(error).__name__)
+
+            racers = [threading.Thread(target=attempt) for _ in range(3)]
+            for thread in racers:
+                thread.start()
+            for thread in racers:
+                thread.join()
+    finally:
+        stop.set()
+        for thread in writers:
+            thread.join()
+        store.close()
+    assert results.count("created") == 150
+    assert results.count("duplicate") == 300, {
+        r for r in results if r not in ("created", "duplicate")
+    }
+
+
+def test_a_write_inside_a_write_is_refused_instead_of_waiting_for_itself(engine: Any) -> None:
+    writer = write_engine(engine)
+    with pytest.raises(RuntimeError, match="inside another"), writer.begin(), writer.begin():
+        pass
+    with writer.begin() as conn:  # the group is usable afterwards
+        conn.execute(sa.insert(rows).values(id=1, writer=1))
+    assert stored(engine) == [(1, 1)]

@@ -220,37 +220,67 @@ class GroupCommit:
         self._conn: Connection | None = None
         self._transaction: sa.RootTransaction | None = None
         self._batch: _Batch | None = None
+        self._owner = threading.local()
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
-        """Run the block in the open batch; return once the batch is committed."""
+        """Run the block in the open batch; return (or raise what the block
+        raised) once the batch is committed, so whatever the caller does next
+        sees the writes of everyone who was in the batch with it."""
+        if getattr(self._owner, "inside", False):
+            # The lock is not re-entrant: a nested block would wait for itself.
+            raise RuntimeError("a write transaction was opened inside another one")
         with self._counter:
             self._waiting += 1
-        self._lock.acquire()
+        acquired = self._lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_SECONDS)
         with self._counter:
             self._waiting -= 1
+        if not acquired:
+            raise StoreUnavailable("the database stayed busy; try again")
+        self._owner.inside = True
         batch: _Batch | None = None
+        failed = False
         try:
             conn, batch = self._open()
             savepoint = conn.begin_nested()
             try:
                 yield conn
+                savepoint.commit()
             except BaseException:
+                failed = True
                 self._undo(savepoint, batch)
-                batch = None  # nothing of ours to wait for
                 raise
-            savepoint.commit()
             batch.members += 1
         finally:
+            self._owner.inside = False
             try:
                 self._commit_if_due()
             finally:
                 self._lock.release()
-        batch.done.wait()
+            if failed and batch is not None:
+                # A block that failed on another member's uncommitted row (a
+                # duplicate) must not look it up before that row is
+                # committed: the lookup runs on another connection.
+                self._await(batch)
+        assert batch is not None
+        self._await(batch)
         if batch.error is not None:
             raise StoreUnavailable(
                 f"the database did not commit ({type(batch.error).__name__}); try again"
             ) from batch.error
+
+    def _await(self, batch: _Batch) -> None:
+        """Wait until ``batch`` is committed. A batch is left open for the
+        writers queued behind it; should they all be gone (a writer that gave
+        up waiting for the lock), a member commits it itself."""
+        while not batch.done.wait(4 * self.MAX_WAIT_SECONDS):
+            if not self._lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_SECONDS):
+                continue
+            try:
+                if self._batch is batch:
+                    self._finish(batch, None, commit=batch.members > 0)
+            finally:
+                self._lock.release()
 
     def _open(self) -> tuple[Connection, _Batch]:
         if self._batch is None:
@@ -301,15 +331,18 @@ class GroupCommit:
             error = error or failure
             log.warning("group commit failed: %s", failure)
         finally:
-            with self._counter:
-                busy = self._waiting > 0
-            # Under load the next batch starts at once on the same connection
-            # (no trip through the pool); an idle or failed one goes back.
-            if conn is not None and (error is not None or not busy):
-                self._conn = None
-                conn.close()
-            batch.error = error
-            batch.done.set()
+            try:
+                with self._counter:
+                    busy = self._waiting > 0
+                # Under load the next batch starts at once on the same connection
+                # (no trip through the pool); an idle or failed one goes back.
+                if conn is not None and (error is not None or not busy):
+                    self._conn = None
+                    conn.close()
+            finally:
+                # Whatever closing did, every member learns how the batch ended.
+                batch.error = error
+                batch.done.set()
 
 
 _SQLITE_GROUPS: dict[str, GroupCommit] = {}
