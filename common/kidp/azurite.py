@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
 
-from kidp.childprocess import stop_process_group
+from kidp.childprocess import start_process_group, stop_process_group
 from kidp.errors import ValidationFailed
 
 __all__ = [
@@ -174,12 +174,11 @@ def start_azurite(
         command += ["--location", str(location)]
     if log_file is None:
         command.append("--silent")
-    process = subprocess.Popen(  # noqa: S603 - the pinned launcher from node_modules
+    process = start_process_group(
         command,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
-        start_new_session=True,
         cwd=location or None,
     )
     assert process.stdout is not None

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kidp.childprocess import stop_process_group
+from kidp.childprocess import start_process_group, stop_process_group
 from kidp.errors import ValidationFailed
 
 #: Where the emulator lives inside a Cloud SDK installation.
@@ -76,12 +76,11 @@ def start_pubsub_emulator(
     port = port or _free_port()
     output = log_file.open("ab") if log_file is not None else subprocess.DEVNULL
     try:
-        process = subprocess.Popen(  # noqa: S603 - a fixed program from the Cloud SDK
+        process = start_process_group(
             [str(launcher), "--host=127.0.0.1", f"--port={port}"],
             stdout=output,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            start_new_session=True,
         )
     finally:
         if log_file is not None and not isinstance(output, int):

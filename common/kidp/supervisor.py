@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from kidp.childprocess import die_with_parent
 from kidp.errors import ValidationFailed
 
 log = logging.getLogger("kidp.supervisor")
@@ -38,7 +39,6 @@ log = logging.getLogger("kidp.supervisor")
 CHILD_NICE = 5
 #: The longest wait before a child that keeps dying is started again.
 MAX_RESTART_DELAY = 30.0
-_PR_SET_PDEATHSIG = 1
 
 
 def supervised(parent_pid: int, *, nice: int = 0) -> None:
@@ -46,11 +46,9 @@ def supervised(parent_pid: int, *, nice: int = 0) -> None:
     if nice:
         with contextlib.suppress(OSError):
             os.nice(nice)
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    arrange = die_with_parent()
+    if arrange is not None:
+        arrange()
     else:
         # No kernel help: look at the parent once a second.
         def watch() -> None:
