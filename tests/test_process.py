@@ -8,6 +8,7 @@ import collections
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -267,3 +268,77 @@ def _alive(pid: int) -> bool:
     # A zombie has exited; only its parent's wait is missing.
     stat = Path(f"/proc/{pid}/stat")
     return not stat.exists() or stat.read_text().split()[2] != "Z"
+
+
+def test_two_serve_emulate_started_together_leave_one_running_on_an_intact_store(
+    tmp_path: Path,
+) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("KIDP_")},
+        "KIDP_STATE_DIR": str(tmp_path / "state"),
+        "KIDP_JWT_SECRET": SECRET,
+        "KIDP_LOG_LEVEL": "WARNING",
+    }
+    ports = [free_port(), free_port()]
+    procs = [
+        subprocess.Popen(
+            [EXE, "serve", "--emulate", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for port in ports
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        losers = []
+        while time.monotonic() < deadline and not losers:
+            losers = [p for p in procs if p.poll() is not None]
+            time.sleep(0.1)
+        (loser,) = losers
+        assert loser.returncode == 2
+        assert loser.stderr is not None and b"already running" in loser.stderr.read()
+        (winner,) = [p for p in procs if p is not loser]
+        port = ports[procs.index(winner)]
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readiness", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        # The loser emptied nothing: what the winner accepts is in the file
+        # on disk that every process of the winner opened.
+        token = mint_token(
+            secret=SECRET,
+            subject="t",
+            scopes=["deploy"],
+            namespaces=["team-a"],
+            ttl_seconds=600,
+            issuer="kidp",
+            audience="kidp-broker",
+        )
+        accepted = httpx.post(
+            f"http://127.0.0.1:{port}/v1/provision",
+            headers={"Authorization": f"Bearer {token}"},
+            json={
+                "resourceType": "bucket",
+                "resourceName": "assets",
+                "namespace": "team-a",
+                "team": "a",
+                "owner": "a@example.com",
+                "spec": {},
+            },
+            timeout=10,
+        )
+        assert accepted.status_code == 202, accepted.text
+        store = tmp_path / "state" / "emulated" / "aws" / "broker.db"
+        with sqlite3.connect(store) as db:
+            ids = [row[0] for row in db.execute("SELECT id FROM kidp_deployments")]
+        assert ids == [accepted.json()["deploymentId"]]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+    # A clean stop forgets the record: nothing claims to be running.
+    assert not (tmp_path / "state" / "emulated" / "aws" / "broker.json").exists()

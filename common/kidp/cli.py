@@ -119,21 +119,14 @@ def _emulate(
 ) -> tuple[dict[str, Any], dict[str, str | None]]:
     """Start the provider's emulated cloud in its own process and point this
     broker at it, with a store of its own that starts empty as the cloud does."""
-    from kidp.emulator import EmulationRecord, apply_environ, emulated_dir
+    from kidp.emulator import EmulationClaim, apply_environ, emulated_dir
     from kidp.supervisor import start_emulator_process
 
     base = _settings(args)
     provider = base.provider_name
-    try:
-        running = EmulationRecord.read(base.state_dir, provider)
-    except ValidationFailed:
-        pass  # none running: the usual case
-    else:
-        # Starting a second one would empty the store the first one is using.
-        raise ValidationFailed(
-            f"an emulated {provider} broker is already running from {base.state_dir} "
-            f"(pid {running.pid}, {running.url}); stop it first or use another KIDP_STATE_DIR"
-        )
+    # Before anything starts or the store is emptied: a second one would
+    # empty the store the first one is using. Dropped when this process ends.
+    supervisor.on_stop.append(EmulationClaim(base.state_dir, provider).release)
     emulator = start_emulator_process(supervisor, provider)
     apply_environ(emulator.environ)
     overrides = dict(emulator.settings)

@@ -9,6 +9,8 @@ AWS wire protocols, so the AWS provider runs unchanged through botocore.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
 import json
 import logging
@@ -191,7 +193,7 @@ class EmulationRecord:
             settings=dict(raw["settings"]),
             environ=dict(raw["environ"]),
         )
-        if not _alive(record.pid):
+        if not EmulationClaim.held(state_dir, provider):
             raise ValidationFailed(
                 f"the emulated {provider} broker (pid {record.pid}, {record.url}) has stopped, "
                 "and its emulated cloud with it; " + hint
@@ -199,11 +201,55 @@ class EmulationRecord:
         return record
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+class EmulationClaim:
+    """The right to run the emulated broker of one provider from one state
+    directory: an exclusive lock on ``emulated/<provider>/broker.lock``, held
+    by ``serve --emulate`` for its life. The kernel drops it when the process
+    ends, however it ends, so a stale record can never block a start and a
+    second ``serve --emulate`` can never empty the store the first one uses."""
+
+    def __init__(self, state_dir: Path, provider: str) -> None:
+        directory = emulated_dir(state_dir, provider)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.state_dir = state_dir
+        self.provider = provider
+        self._fd = os.open(directory / "broker.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            where = _describe_running(directory / "broker.json")
+            raise ValidationFailed(
+                f"an emulated {provider} broker is already running from {state_dir}{where}; "
+                "stop it first or use another KIDP_STATE_DIR"
+            ) from None
+
+    @staticmethod
+    def held(state_dir: Path, provider: str) -> bool:
+        """Whether a running ``serve --emulate`` holds the claim."""
+        path = emulated_dir(state_dir, provider) / "broker.lock"
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops a lock taken just now
         return False
-    except PermissionError:
-        return True
-    return True
+
+    def release(self) -> None:
+        """Forget the record of the running broker and drop the claim."""
+        with contextlib.suppress(FileNotFoundError):
+            (emulated_dir(self.state_dir, self.provider) / "broker.json").unlink()
+        os.close(self._fd)
+
+
+def _describe_running(record: Path) -> str:
+    try:
+        raw = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return ""
+    return f" (pid {raw.get('pid')}, {raw.get('url')})"

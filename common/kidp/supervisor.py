@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -87,6 +87,8 @@ class Supervisor:
 
     env: Mapping[str, str]
     children: list[Child] = field(default_factory=list)
+    #: Run once every child has stopped (what the parent holds while they run).
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
 
     def command(self, child: Child) -> list[str]:
         """The command line of ``child``: this interpreter's ``kidp.cli``."""
@@ -169,6 +171,8 @@ class Supervisor:
                 child.process.kill()
                 child.process.wait(10)
         self.children.clear()
+        while self.on_stop:
+            self.on_stop.pop()()
 
 
 @dataclass(frozen=True)
