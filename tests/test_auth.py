@@ -838,3 +838,29 @@ def test_default_wall_clock_accepts_a_fresh_token() -> None:
         audience=AUDIENCE,
     )
     assert verifier.verify(token).may_access("any")
+
+
+def test_a_token_checked_against_keys_withdrawn_meanwhile_is_not_remembered_as_good(
+    jwks_server: JwksServer,
+    jwks_verifier: TokenVerifier,
+    clock: FakeClock,
+    rsa_key: rsa.RSAPrivateKey,
+    rsa_key_2: rsa.RSAPrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    old = sign(rsa_key, "RS256", "2024")
+    jwks_server.serve(rsa_jwk(rsa_key, "2024"))
+    real = jwt.decode
+
+    def decode_while_another_request_refreshes(*args: Any, **kwargs: Any) -> Any:
+        claims = real(*args, **kwargs)
+        # Another request's thread fetches the keys meanwhile: 2024 is withdrawn.
+        jwks_server.serve(rsa_jwk(rsa_key_2, "2025"))
+        clock.advance(31)
+        jwks_verifier._refresh(stale=jwks_verifier._keyset)
+        return claims
+
+    monkeypatch.setattr(jwt, "decode", decode_while_another_request_refreshes)
+    jwks_verifier.verify(old)  # valid when it was checked
+    monkeypatch.setattr(jwt, "decode", real)
+    assert rejection(jwks_verifier, old) == "unknown signing key"

@@ -91,3 +91,29 @@ def test_invalidate_makes_the_next_read_fetch() -> None:
 def test_ttl_must_not_exceed_max_age() -> None:
     with pytest.raises(ValueError, match="ttl"):
         Refreshing(int, ttl=10, max_age=5)
+
+
+def test_a_background_that_runs_the_refresh_at_once_does_not_deadlock() -> None:
+    source, clock = Source(), Clock()
+    value = Refreshing(source, ttl=10, max_age=60, clock=clock, background=lambda task: task())
+    value.get()
+    clock.now = 30
+    assert value.get() == 1  # the stale value; the refresh ran inline meanwhile
+    assert value.get() == 2
+
+
+def test_a_refresh_that_cannot_start_is_tried_again_at_the_next_read() -> None:
+    source, clock, attempts = Source(), Clock(), []
+
+    def refuse(task: Callable[[], None]) -> None:
+        attempts.append(task)
+        if len(attempts) == 1:
+            raise RuntimeError("can't start new thread")
+
+    value = Refreshing(source, ttl=10, max_age=60, clock=clock, background=refuse)
+    value.get()
+    clock.now = 30
+    with pytest.raises(RuntimeError):
+        value.get()
+    value.get()
+    assert len(attempts) == 2

@@ -240,3 +240,23 @@ def test_a_burst_of_changes_schedules_one_sync_after_the_burst(make_broker: Any)
     h.broker.service.changed(a)  # a later change schedules again
     h.broker.service.changed(b)
     assert enqueued[1:] == [(f"sync-{a}", 5), (f"sync-{b}", 5)]
+
+
+def test_a_sync_the_queue_refused_is_scheduled_at_the_next_change(make_broker: Any) -> None:
+    from kidp.errors import StoreUnavailable
+
+    h = make_broker(sync_delay_seconds=5)
+    queue = h.broker.service.queue
+    real = queue.enqueue
+    refused: list[str] = []
+
+    def down_once(job: Any, *, delay: float = 0.0) -> None:
+        if not refused:
+            refused.append(job.id)
+            raise StoreUnavailable("the queue is down")
+        real(job, delay=delay)
+
+    queue.enqueue = down_once  # type: ignore[method-assign]
+    h.broker.service.changed("deploy-" + "c" * 32)  # refused: nothing scheduled
+    h.broker.service.changed("deploy-" + "c" * 32)  # so this one schedules it
+    assert refused and queue.pending_count() == 1

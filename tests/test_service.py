@@ -12,7 +12,7 @@ from typing import Any
 import boto3
 import pytest
 
-from kidp.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from kidp.errors import Conflict, Forbidden, NotFound, StoreUnavailable, ValidationFailed
 from kidp.models import Job, JobKind, Phase
 from kidp.observability import JsonFormatter, configure_logging
 
@@ -518,3 +518,33 @@ def test_metrics_answer_with_the_last_counts_when_the_store_does_not(
     text = h.service.render_metrics().decode()
     assert line in text  # the last counts, not a failed scrape
     assert "kidp_broker_requests_total" in text
+
+
+class ReadyRefused:
+    """The real store, refusing (once) the save that records a deployment Ready."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.refused = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def save(self, deployment: Any, **kwargs: Any) -> Any:
+        if deployment.phase is Phase.READY and not self.refused:
+            self.refused = True
+            raise StoreUnavailable("the database is unavailable (OperationalError); try again")
+        return self.inner.save(deployment, **kwargs)
+
+
+def test_a_ready_the_store_refused_is_recorded_by_the_poll_it_waits_for(
+    make_broker: Any,
+) -> None:
+    h = make_broker()
+    store = ReadyRefused(h.service.store)
+    h.service.store = store
+    deployment_id = h.submit().deployment_id
+    h.drain()
+    assert store.refused  # the first Ready was refused...
+    assert h.store.get(deployment_id).phase is Phase.READY  # ...and the poll recorded it
+    assert h.phases() == ["Provisioning", "Ready"]

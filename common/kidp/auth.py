@@ -217,10 +217,11 @@ class TokenVerifier:
             raise Unauthorized("token algorithm not allowed")
 
         key: Any
+        used: _KeySet | None = None
         if self._hs_key is not None:
             key = self._hs_key
         else:
-            jwk = self._jwks_key(header.get("kid"))
+            jwk, used = self._jwks_key(header.get("kid"))
             if jwk.algorithm_name != algorithm:
                 raise Unauthorized("token algorithm does not match its signing key")
             key = jwk.key
@@ -245,7 +246,9 @@ class TokenVerifier:
             raise Unauthorized(_reason(exc)) from None
         self._check_times(claims)
         caller = _caller_from(claims)
-        self._remember(token, _Verified(self._keyset, claims, caller))
+        # Remembered with the keys it was checked against: a refresh since
+        # (a withdrawn key) makes it prove itself again.
+        self._remember(token, _Verified(used, claims, caller))
         return caller
 
     def _known(self, token: str) -> _Verified | None:
@@ -281,7 +284,8 @@ class TokenVerifier:
 
     # JWKS
 
-    def _jwks_key(self, kid: Any) -> jwt.PyJWK:
+    def _jwks_key(self, kid: Any) -> tuple[jwt.PyJWK, _KeySet]:
+        """The key for ``kid`` and the key set it came from."""
         keyset = self._keyset
         if keyset is None or not _within(self._clock() - keyset.fetched_at, self._max_age):
             keyset = self._refresh(stale=keyset)
@@ -291,7 +295,8 @@ class TokenVerifier:
             keyset = self._refresh(stale=keyset)
             found = _select(keyset, kid)
         if found is not None:
-            return found
+            assert keyset is not None  # a key was found in it
+            return found, keyset
         if keyset is None:
             # The identity provider is down: a 503 to retry, not a 401 blaming the token.
             raise AuthUnavailable(

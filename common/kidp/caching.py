@@ -58,12 +58,24 @@ class Refreshing(Generic[T]):
         """The value: from memory when young enough, else fetched now."""
         with self._lock:
             age = None if self._fetched_at is None else self._clock() - self._fetched_at
-            if age is not None and age < self._max_age:
-                if age >= self._ttl and not self._refreshing:
-                    self._refreshing = True
-                    self._background(self._refresh)
-                return self._value  # type: ignore[return-value]
-        return self._load()
+            fresh_enough = age is not None and age < self._max_age
+            refresh = fresh_enough and age is not None and age >= self._ttl
+            refresh = refresh and not self._refreshing
+            if refresh:
+                self._refreshing = True
+            value = self._value
+        if not fresh_enough:
+            return self._load()
+        if refresh:
+            # Started outside the lock: a background that runs the task at
+            # once (or fails to start it) must not hold readers up.
+            try:
+                self._background(self._refresh)
+            except BaseException:
+                with self._lock:
+                    self._refreshing = False
+                raise
+        return value  # type: ignore[return-value]
 
     def invalidate(self) -> None:
         """Forget the value: the next read fetches (after a change we made)."""

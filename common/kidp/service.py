@@ -689,25 +689,26 @@ class BrokerService:
             self._fail(deployment.id, exc, token=job.id)
 
     def changed(self, deployment_id: str) -> None:
-        """A watcher saw the cloud objects of ``deployment_id`` change: sync it in
-        ``sync_delay_seconds``. A burst of events (a StatefulSet, its pods, its
-        claims, each changing several times) is one sync, run once the burst
-        has settled: events while a sync is scheduled ride on it, here without
-        a trip to the queue, and in the queue by the job's fixed id."""
+        """A watcher saw the cloud objects of ``deployment_id`` change: sync it
+        ``sync_delay_seconds`` after this first change. The changes that follow
+        within that time (a StatefulSet, its pods, its claims, each changing
+        several times as they start) ride on the sync already scheduled, here
+        without a trip to the queue and in the queue by the job's fixed id; a
+        later change schedules the next sync."""
         delay = self.settings.sync_delay_seconds
         now = self.clock.monotonic()
         with self._syncs_lock:
             due = self._syncs.get(deployment_id)
             if due is not None and now < due:
                 return
+        job = Job(kind=JobKind.SYNC, deployment_id=deployment_id, id=f"sync-{deployment_id}")
+        if not self._enqueue(job, delay=delay):
+            return  # not scheduled: the next change tries again
+        with self._syncs_lock:
             self._syncs[deployment_id] = now + delay
             if len(self._syncs) > SCHEDULED_SYNCS_KEPT:
                 for key in [k for k, at in self._syncs.items() if at <= now]:
                     del self._syncs[key]
-        self._enqueue(
-            Job(kind=JobKind.SYNC, deployment_id=deployment_id, id=f"sync-{deployment_id}"),
-            delay=delay,
-        )
 
     def _sync(self, deployment: Deployment) -> None:
         if deployment.phase is Phase.READY:
@@ -798,8 +799,14 @@ class BrokerService:
             # cloud just said, with no poll to ask it again. Should that save
             # lose a race, or the worker die before it, the poll (or reconcile)
             # finishes the job.
-            if resource.state == "available" and self._ready(saved, resource) is not None:
-                return
+            if resource.state == "available":
+                try:
+                    if self._ready(saved, resource) is not None:
+                        return
+                except TemporaryError:
+                    # The store could not take Ready now: the poll this
+                    # deployment now waits for (its token) asks the cloud again.
+                    log.warning("ready not recorded; polling", extra={"deploymentId": saved.id})
             self._enqueue(poll, delay=self.settings.poll_interval_seconds)
             return
         current = self.store.get(deployment.id)
@@ -1265,15 +1272,18 @@ class BrokerService:
     def _tags(self, deployment: Deployment) -> dict[str, str]:
         return logical_tags(deployment, managed_by=self.settings.managed_by)
 
-    def _enqueue(self, job: Job, *, delay: float = 0.0) -> None:
+    def _enqueue(self, job: Job, *, delay: float = 0.0) -> bool:
+        """Enqueue ``job``; False when the queue refused for now (the state is
+        saved, and reconcile re-creates the job once the queue is back)."""
         try:
             self.queue.enqueue(job, delay=delay)
         except TemporaryError:
-            # The state is saved; reconcile() re-creates the job once the queue is back.
             log.warning(
                 "enqueue failed; reconcile will retry",
                 extra={"deploymentId": job.deployment_id, "kind": job.kind.value},
             )
+            return False
+        return True
 
 
 def callback_job(event: CallbackEvent, *, seq: int = 0) -> Job:

@@ -120,7 +120,7 @@ class Settings(BaseModel):
     sync_delay_seconds: float = 1.0
     provision_timeout_seconds: float = 3600.0
     namespace_wait_seconds: float = 5.0
-    quota_cache_seconds: float = 60.0
+    quota_cache_seconds: float = Field(default=60.0, ge=0)
     job_lease_seconds: float = 60.0
     job_max_deliveries: int = 10
     worker_threads: int = 4

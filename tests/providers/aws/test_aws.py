@@ -610,6 +610,21 @@ def test_quota_checks_read_usage_from_memory_while_it_is_fresh(
     assert report.details["maxAgeSeconds"] == 60.0
 
 
+def test_with_no_quota_cache_every_check_asks_rds(
+    session: boto3.session.Session, api_calls: list[tuple[str, str]]
+) -> None:
+    provider = AwsProvider(
+        region=REGION,
+        session=session,
+        quota_ttl=0,
+        on_call=lambda resource_type, operation: api_calls.append((resource_type, operation)),
+    )
+    provider.validate_quota(postgres(provider))
+    first = len(api_calls)
+    provider.validate_quota(postgres(provider))
+    assert len(api_calls) == 2 * first > 0
+
+
 def test_quota_for_types_without_a_preflight_check_says_so(provider: AwsProvider) -> None:
     report = provider.validate_quota(make_deployment(provider, ResourceType.BUCKET))
     assert report.checked is False

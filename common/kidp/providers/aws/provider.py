@@ -165,11 +165,15 @@ class AwsProvider:
         # Usage a minute old is fine for a pre-flight check: RDS itself refuses
         # the create that would go over, and that fails the deployment clearly.
         self.quota_ttl = quota_ttl
-        self.rds_quotas: Refreshing[tuple[dict[str, tuple[int, int]], str]] = Refreshing(
-            rds.fetch_account_quotas,
-            ttl=quota_ttl,
-            max_age=max(quota_ttl, 15 * quota_ttl),
-            name="RDS account quotas",
+        self.rds_quotas: Refreshing[tuple[dict[str, tuple[int, int]], str]] | None = (
+            Refreshing(
+                rds.fetch_account_quotas,
+                ttl=quota_ttl,
+                max_age=15 * quota_ttl,
+                name="RDS account quotas",
+            )
+            if quota_ttl > 0
+            else None  # read at every check
         )
 
     def __repr__(self) -> str:

@@ -131,7 +131,8 @@ class _RdsBase(_Kind):
         """RDS quotas as name -> (used, max), and where they came from: read from
         the provider's cache (kept for ``quota_ttl`` seconds and refreshed in the
         background), because the accept path must not wait for three RDS calls."""
-        return self.p.rds_quotas.get()
+        cached = self.p.rds_quotas
+        return cached.get() if cached is not None else self.fetch_account_quotas()
 
     def fetch_account_quotas(self) -> tuple[dict[str, tuple[int, int]], str]:
         """RDS quotas as name -> (used, max), and where they came from, asked of RDS now."""
