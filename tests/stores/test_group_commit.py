@@ -216,3 +216,32 @@ def test_a_write_inside_a_write_is_refused_instead_of_waiting_for_itself(engine:
     with writer.begin() as conn:  # the group is usable afterwards
         conn.execute(sa.insert(rows).values(id=1, writer=1))
     assert stored(engine) == [(1, 1)]
+
+
+def test_writers_of_another_process_wait_on_the_file_lock_and_go_the_moment_it_frees(
+    engine: Any,
+) -> None:
+    import fcntl
+    import os
+
+    writer = write_engine(engine)
+    # What another process's writer holds while its transaction runs.
+    other = os.open(f"{engine.url.database}.writer", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    done = threading.Event()
+
+    def write() -> None:
+        with writer.begin() as conn:
+            conn.execute(sa.insert(rows).values(id=1, writer=1))
+        done.set()
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    try:
+        assert not done.wait(0.3)  # waits for the other process
+    finally:
+        fcntl.flock(other, fcntl.LOCK_UN)
+        os.close(other)
+    assert done.wait(5)
+    thread.join()
+    assert stored(engine) == [(1, 1)]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -221,6 +222,7 @@ class GroupCommit:
         self._transaction: sa.RootTransaction | None = None
         self._batch: _Batch | None = None
         self._owner = threading.local()
+        self._between_processes = _FileLock(f"{engine.url.database}.writer")
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -285,9 +287,11 @@ class GroupCommit:
     def _open(self) -> tuple[Connection, _Batch]:
         if self._batch is None:
             conn = self._conn or self._engine.connect()
+            self._between_processes.acquire()
             try:
                 self._transaction = conn.begin()
             except BaseException:
+                self._between_processes.release()
                 self._conn = None
                 conn.close()
                 raise
@@ -340,9 +344,51 @@ class GroupCommit:
                     self._conn = None
                     conn.close()
             finally:
+                self._between_processes.release()
                 # Whatever closing did, every member learns how the batch ended.
                 batch.error = error
                 batch.done.set()
+
+
+class _FileLock:
+    """An exclusive lock on ``path`` that the processes writing one SQLite file
+    take around each write transaction.
+
+    SQLite's own busy handler sleeps 1, 2, 5 ... up to 100 ms between tries,
+    so a process that finds the file locked by another (the API process and
+    its worker process, say) waits much longer than the lock was held, and
+    under steady writes from both it can lose one try after another. Waiting
+    here instead, the kernel hands the lock over the moment it is released.
+    The kernel also drops it if its holder dies. Bounded like SQLite's own
+    wait: after ``SQLITE_BUSY_TIMEOUT_SECONDS`` it is ``StoreUnavailable``.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        if self._fd is None:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_SECONDS
+        pause = 0.0001
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreUnavailable("the database stayed locked; try again") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.001)
+
+    def release(self) -> None:
+        import fcntl
+
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 
 _SQLITE_GROUPS: dict[str, GroupCommit] = {}
