@@ -304,6 +304,23 @@ def test_dead_letter_publishes_the_job_with_its_reason_and_acknowledges(
     assert take(queue) == []  # acknowledged: not delivered again
 
 
+def test_a_long_reason_is_cut_to_the_1024_bytes_an_attribute_holds_not_1024_characters(
+    queue: PubSubJobQueue, topology: Topology
+) -> None:
+    dead = topology.observe(topology.dead_letter_topic)
+    queue.enqueue(job(1))
+    (delivery,) = take(queue)
+    # Two bytes a character in UTF-8: 1000 characters would be 2000 bytes.
+    reason = "Fehlermeldung: ungültige Größe " + "é" * 1000
+    queue.dead_letter(delivery, reason=reason)
+
+    (message,) = dead.messages(wait=2)
+    cut = dict(message.attributes)["kidp-reason"]
+    assert len(cut.encode()) <= 1024
+    assert len(cut.encode()) >= 1023  # cut at a character's edge, no more
+    assert reason.startswith(cut)
+
+
 def test_a_message_that_is_not_a_job_is_dead_lettered_at_once(
     queue: PubSubJobQueue, topology: Topology
 ) -> None:

@@ -91,8 +91,8 @@ ATTR_DEAD_AT: Final = "kidp-dead-at"
 #: What Pub/Sub's dead-letter policy writes on a message it forwards.
 ATTR_POLICY_COUNT: Final = "CloudPubSubDeadLetterSourceDeliveryCount"
 
-#: Longer reasons are cut: an attribute value holds at most 1024 bytes.
-_REASON_CHARS = 1000
+#: Longer reasons are cut: an attribute value holds at most 1024 bytes (UTF-8).
+_REASON_BYTES = 1024
 #: How long ``dead_messages`` and ``replay_dead`` hold what they look at.
 _PEEK_SECONDS = 30
 #: Settled receipts remembered per queue object (to ignore a second verdict).
@@ -387,7 +387,7 @@ class PubSubJobQueue:
             dead.update(_job_attributes(job))
         dead.update(
             {
-                ATTR_REASON: (reason[:_REASON_CHARS] or "unknown"),
+                ATTR_REASON: (_cut_utf8(reason, _REASON_BYTES) or "unknown"),
                 ATTR_ATTEMPTS: str(attempt),
                 ATTR_SOURCE: self.topic,
                 ATTR_DEAD_AT: datetime.fromtimestamp(self._clock(), UTC).isoformat(),
@@ -588,6 +588,11 @@ def _attempts_before(attributes: Mapping[str, str]) -> int:
     absent or not a count: a stranger's attribute cannot make a job dead)."""
     raw = attributes.get(ATTR_ATTEMPTS_BEFORE, "0")
     return int(raw) if raw.isdigit() else 0
+
+
+def _cut_utf8(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8, never inside a character."""
+    return text.encode()[:limit].decode(errors="ignore")
 
 
 def _seconds(value: float) -> int:
