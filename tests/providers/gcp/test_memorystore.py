@@ -115,6 +115,28 @@ def test_a_failed_create_removes_the_instance_and_fails_with_googles_reason(
     assert "create failed: no capacity in zone" in failed.message
 
 
+def test_an_earlier_deployments_failed_create_does_not_fail_a_new_one_of_the_same_name(
+    provider: GcpProvider, emulator: GcpEmulator, operator: Operator
+) -> None:
+    emulator.fail_next_operation(
+        "redis", kind="CREATE", status="RESOURCE_EXHAUSTED", message="no capacity in zone"
+    )
+    first = redis(provider)
+    deploy(provider, first)
+    assert settle(provider, first).state == "failed"
+
+    # The same namespace and name again: the same instance name, a new deployment.
+    second = redis(provider)
+    assert provider.identifier(second) == provider.identifier(first)
+    before = provider.get_status(second)
+    assert before.state == "missing", before.message
+    assert provider.get_status(first).state == "failed"  # still told to the first
+
+    deploy(provider, second)
+    assert settle(provider, second).state == "available"
+    assert len(operator.redis_instances()) == 1
+
+
 def test_drift_after_a_resize_behind_the_brokers_back(
     provider: GcpProvider, emulator: GcpEmulator
 ) -> None:

@@ -12,6 +12,7 @@ from the location's operations.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 from kidp.catalog import DEFAULT_PORTS
@@ -189,20 +190,31 @@ class _RedisInstance(_Kind):
         )
 
     def failed_create(self, deployment: Deployment) -> str | None:
+        """The latest failed operation on this deployment's instance name that
+        started at or after the deployment was created: an earlier deployment
+        of the same namespace and name has the same instance name, and its
+        failed create is not this deployment's."""
         from google.cloud import redis_v1
         from google.longrunning import operations_pb2
 
         target = self.full_name(deployment)
+        since = deployment.created_at
+        if since.tzinfo is None:
+            since = since.replace(tzinfo=UTC)
         request = operations_pb2.ListOperationsRequest(name=self.parent)
-        failures: list[tuple[str, str]] = []
+        failures: list[tuple[datetime, str]] = []
         for op in self.call(
             "list_operations",
             lambda: self.client.list_operations(request=request, **self.p.call_options),
         ).operations:
             meta = redis_v1.OperationMetadata.deserialize(op.metadata.value)
-            if meta.target == target and op.done and op.HasField("error"):
-                when = meta.create_time.isoformat() if meta.create_time else ""
-                failures.append((when, f"{meta.verb} failed: {op.error.message}"))
+            if meta.target != target or not op.done or not op.HasField("error"):
+                continue
+            # An operation without a start time cannot be told apart from an
+            # earlier deployment's: it is not counted.
+            if meta.create_time is None or meta.create_time < since:
+                continue
+            failures.append((meta.create_time, f"{meta.verb} failed: {op.error.message}"))
         if not failures:
             return None
         return f"Memorystore operation {max(failures)[1]}"
