@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from azure.core.exceptions import HttpResponseError
 from azure.identity import DefaultAzureCredential
 from azure.keyvault.secrets import SecretClient
 
@@ -184,7 +185,7 @@ def test_put_version_rotates_and_keeps_the_tags(
         store.put_version("kidp/team-a/never-credentials", rotated)
 
 
-def test_delete_is_idempotent_and_purge_protection_keeps_the_value(
+def test_delete_is_idempotent_and_a_new_deployment_of_the_name_gets_its_own_value(
     store: KeyVaultSecretStore, keyvault: KeyVaultEmulator
 ) -> None:
     store.delete(NAME)  # absent: fine
@@ -192,11 +193,127 @@ def test_delete_is_idempotent_and_purge_protection_keeps_the_value(
     store.delete(NAME)
     assert keyvault.deleted(VAULT_NAME)  # purge protection: soft-deleted until retention ends
     store.delete(NAME)
-    # Provisioning the same name again recovers it: an existing value is never regenerated.
-    ref, value = store.ensure(NAME, Generator({"password": "new"}), TAGS)
-    assert value == VALUE
+    # Provisioning the same name again (a new deployment) recovers the name,
+    # which purge protection leaves no other way to reuse, but never hands the
+    # finished deployment's password to the new one.
+    fresh = {"username": "kidpadmin", "password": "FreshPassword0123456789"}
+    create = Generator(fresh)
+    ref, value = store.ensure(NAME, create, TAGS)
+    assert value == fresh and create.calls == 1
     assert not keyvault.deleted(VAULT_NAME)
-    assert ref.version == keyvault.versions(VAULT_NAME)[0]["version"]
+    old, new = keyvault.versions(VAULT_NAME)
+    assert json.loads(old["value"]) == VALUE and old["enabled"] is False
+    assert json.loads(new["value"]) == fresh and new["enabled"] is True
+    assert new["tags"][ORIGIN_TAG] == "create"
+    assert ref.version == new["version"]
+    # The new value is live now: a retried provision reuses it.
+    retry = Generator({"username": "kidpadmin", "password": "NeverUsed"})
+    assert store.ensure(NAME, retry, TAGS) == (ref, fresh)
+    assert retry.calls == 0
+    assert len(keyvault.versions(VAULT_NAME)) == 2
+
+
+def raw_client(keyvault: KeyVaultEmulator) -> SecretClient:
+    """A client of the stand-in outside the store (another tool, a crashed worker)."""
+    return SecretClient(
+        keyvault.vault_url,
+        DefaultAzureCredential(),
+        connection_verify=str(keyvault.ca_file),
+        verify_challenge_resource=False,
+    )
+
+
+def test_a_retried_ensure_after_a_recovery_never_gets_the_old_value(
+    store: KeyVaultSecretStore, keyvault: KeyVaultEmulator
+) -> None:
+    store.ensure(NAME, Generator(VALUE), TAGS)
+    store.delete(NAME)
+    # A worker recovered the name and died before writing its value.
+    client = raw_client(keyvault)
+    client.begin_recover_deleted_secret(VAULT_NAME, _polling_interval=0).wait()
+    assert not keyvault.deleted(VAULT_NAME)
+    fresh = {"username": "kidpadmin", "password": "AfterTheCrash0123456789"}
+    ref, value = store.ensure(NAME, Generator(fresh), TAGS)
+    assert value == fresh
+    assert store.ensure(NAME, Generator(VALUE), TAGS) == (ref, fresh)
+    assert [v["enabled"] for v in keyvault.versions(VAULT_NAME)] == [False, True]
+    client.close()
+
+
+def test_a_secret_deleted_with_versions_in_use_is_recovered_without_them(
+    store: KeyVaultSecretStore, keyvault: KeyVaultEmulator
+) -> None:
+    store.ensure(NAME, Generator(VALUE), TAGS)
+    store.put_version(NAME, {"username": "kidpadmin", "password": "RotatedBeforeDelete1"})
+    # Deleted without the store (by hand, or by an older broker): versions enabled.
+    client = raw_client(keyvault)
+    client.begin_delete_secret(VAULT_NAME, _polling_interval=0).wait()
+    client.close()
+    fresh = {"username": "kidpadmin", "password": "NotTheOldOne0123456789"}
+    ref, value = store.ensure(NAME, Generator(fresh), TAGS)
+    assert value == fresh
+    versions = keyvault.versions(VAULT_NAME)
+    assert [v["enabled"] for v in versions] == [False, False, True]
+    assert ref.version == versions[-1]["version"]
+    assert store.ensure(NAME, Generator(VALUE), TAGS) == (ref, fresh)
+
+
+def test_racing_creators_of_a_soft_deleted_name_all_get_one_new_value(
+    store: KeyVaultSecretStore, keyvault: KeyVaultEmulator
+) -> None:
+    store.ensure(NAME, Generator(VALUE), TAGS)
+    store.delete(NAME)
+    stores = [open_store(keyvault) for _ in range(3)]
+    barrier = threading.Barrier(len(stores))
+    results: list[Any] = [None] * len(stores)
+
+    def provision(i: int) -> None:
+        barrier.wait()
+        results[i] = stores[i].ensure(NAME, Generator({**VALUE, "password": f"p{i}"}), TAGS)
+
+    threads = [threading.Thread(target=provision, args=(i,)) for i in range(len(stores))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({(ref, json.dumps(value)) for ref, value in results}) == 1, results
+    ref, value = results[0]
+    assert value != VALUE and value["password"] in {"p0", "p1", "p2"}
+    assert store.ensure(NAME, Generator(VALUE), TAGS) == (ref, value)
+    for opened in stores:
+        opened.close()
+
+
+class _BeingRecovered:
+    """A reply as Key Vault gives it while a recovery is still finishing."""
+
+    status_code = 409
+    reason = "Conflict"
+    headers: dict[str, str] = {}
+
+    def text(self) -> str:
+        return json.dumps(
+            {
+                "error": {
+                    "code": "Conflict",
+                    "message": "Secret is currently being recovered; retry later.",
+                    "innererror": {"code": "ObjectIsBeingRecovered"},
+                }
+            }
+        )
+
+
+def test_a_name_still_being_recovered_is_retried_later(
+    store: KeyVaultSecretStore, keyvault: KeyVaultEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def being_recovered(*args: Any, **kwargs: Any) -> Any:
+        raise HttpResponseError(response=_BeingRecovered())  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store._client, "set_secret", being_recovered)
+    with pytest.raises(StoreUnavailable) as raised:
+        store.ensure(NAME, Generator(VALUE), TAGS)
+    assert "ObjectIsBeingRecovered" in raised.value.message
+    assert keyvault.versions(VAULT_NAME) == []
 
 
 def test_without_purge_protection_a_deleted_secret_is_purged() -> None:

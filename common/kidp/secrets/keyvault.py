@@ -27,9 +27,19 @@ and disables its own. A version whose content is lost to a crash is never
 chosen unless first, in which case it is the value everyone uses.
 
 **Deleting.** Vaults soft-delete (the Bicep also turns on purge protection):
-``delete`` deletes and then purges where the vault allows it. Creating a
-name that is soft-deleted and cannot be purged recovers it, and the recovered
-value is returned: never regenerated, as for any existing secret.
+``delete`` first disables every version, then deletes and purges where the
+vault allows it. A soft-deleted secret belongs to a finished deployment, and
+names are per namespace and resource name, so a new deployment of the same
+name may need it: creating a name that is soft-deleted and cannot be purged
+recovers it (the only way to reuse the name) and writes the new deployment's
+value as the first version in use, by the same race rule as any creation.
+The old value is never handed out again: a recovered secret comes back as it
+was deleted, with no version in use, so a worker that dies right after the
+recovery leaves a secret that reads as absent, and its retry creates the value.
+A secret deleted with versions still enabled (by hand, or by an older broker)
+has those versions, created no later than its last one, disabled right after
+the recovery. Once the new value is written, the secret is live like any
+other: a retried provision reads it, never regenerates it.
 
 Errors name the secret, the status and Key Vault's code, never a value (Key
 Vault's own message is left out: it can echo the request).
@@ -91,7 +101,7 @@ def vault_secret_name(name: str) -> str:
 
 
 class _SecretExists(Exception):
-    """The secret exists already (another worker won, or it was recovered)."""
+    """The secret exists already (another worker won)."""
 
 
 @dataclass(frozen=True)
@@ -191,9 +201,17 @@ class KeyVaultSecretStore:
         return self._ref(vault_name, stored)
 
     def delete(self, name: str) -> None:
-        """Delete ``name`` and purge it where the vault allows (purge protection
-        keeps it soft-deleted until its retention ends); absent is fine."""
+        """Take every version of ``name`` out of use, delete it and purge it where
+        the vault allows (purge protection keeps it soft-deleted until its
+        retention ends); absent is fine."""
         vault_name = vault_secret_name(name)
+        # A recovery brings the versions back as they are now: disabled, the
+        # finished deployment's value can never be read as current again.
+        for version in self._versions(vault_name):
+            try:
+                self._disable(vault_name, str(version.version))
+            except NotFound:
+                break  # deleted meanwhile
         try:
             poller = self._call(
                 "delete",
@@ -230,8 +248,8 @@ class KeyVaultSecretStore:
         self, vault_name: str, create: Callable[[], dict[str, str]], tags: Mapping[str, str]
     ) -> tuple[SecretRef, dict[str, str]]:
         """Write a first version; raises ``_SecretExists`` when another one was
-        first (its value is the secret's) or the name was soft-deleted and has
-        been recovered."""
+        first (its value is the secret's). A name held by a soft-deleted secret
+        is reclaimed first (purged, or recovered with no version in use)."""
         value = dict(create())
         labels = {
             **tagging.encode(tags, dialect="azure", prefix=self.tag_prefix),
@@ -240,11 +258,22 @@ class KeyVaultSecretStore:
         try:
             ours = self._set(vault_name, value, labels)
         except _Recoverable:
-            self._recover(vault_name)
-            raise _SecretExists(vault_name) from None
+            self._reclaim(vault_name)
+            try:
+                ours = self._set(vault_name, value, labels)
+            except _Recoverable:
+                raise StoreUnavailable(
+                    f"secret {vault_name} was deleted again while being recovered",
+                    retry_after=5.0,
+                ) from None
         # Wait until any version made after our look below is later than ours.
         time.sleep(_SETTLE_SECONDS)
         versions = self._versions(vault_name)
+        if all(v.version != ours.version for v in versions):
+            # Ours was taken out of use (deleted meanwhile, or disabled as a
+            # leftover of a recovered secret): what is in use is not ours.
+            log.info("secret %s: our version was taken out of use", vault_name)
+            raise _SecretExists(vault_name)
         first = _first_created(versions)
         if first is None or first.version == ours.version:
             log.info("created secret %s", vault_name)
@@ -253,30 +282,55 @@ class KeyVaultSecretStore:
         # newest version too, and take ours out of use.
         winner = self._get(vault_name, str(first.version))
         self._set(vault_name, winner.value, {**(first.tags or {}), ORIGIN_TAG: _CREATE})
-        self._call(
-            "disable",
-            vault_name,
-            lambda: self._client.update_secret_properties(vault_name, ours.version, enabled=False),
-        )
+        self._disable(vault_name, str(ours.version))
         log.info("secret %s was created by another worker first; using theirs", vault_name)
         raise _SecretExists(vault_name)
 
-    def _recover(self, vault_name: str) -> None:
-        """Bring a soft-deleted secret back (purge it first where allowed, so a
-        deleted secret's old value is only reused when it must be)."""
+    def _reclaim(self, vault_name: str) -> None:
+        """Free a name held by a soft-deleted secret (a finished deployment's):
+        purge it where the vault allows, else recover it with none of its
+        versions in use. Another worker doing the same meanwhile is fine."""
         try:
             self._call("purge", vault_name, lambda: self._client.purge_deleted_secret(vault_name))
             return
+        except NotFound:
+            return  # recovered or purged by another worker meanwhile
         except ProvisioningFailed as refused:
+            _busy_if_conflict(refused, vault_name)
             if refused.details.get("status") != 403:
                 raise
-        poller = self._call(
-            "recover",
-            vault_name,
-            lambda: self._client.begin_recover_deleted_secret(vault_name, _polling_interval=1),
-        )
-        self._call("recover", vault_name, poller.wait)
+        try:
+            deleted = self._call(
+                "get deleted", vault_name, lambda: self._client.get_deleted_secret(vault_name)
+            )
+            poller = self._call(
+                "recover",
+                vault_name,
+                lambda: self._client.begin_recover_deleted_secret(vault_name, _polling_interval=1),
+            )
+            self._call("recover", vault_name, poller.wait)
+        except NotFound:
+            return  # recovered by another worker meanwhile
+        except ProvisioningFailed as refused:
+            _busy_if_conflict(refused, vault_name)
+            raise
         log.info("recovered soft-deleted secret %s", vault_name)
+        # ``delete`` disabled every version before deleting; a secret deleted
+        # otherwise comes back with the old value in use. Its versions are the
+        # ones no later than its last one (a new version is written after the
+        # deletion, and so after them).
+        last = deleted.properties.created_on or deleted.deleted_date
+        for version in self._versions(vault_name):
+            if last is None or version.created_on is None or version.created_on <= last:
+                self._disable(vault_name, str(version.version))
+                log.info("disabled version of deleted secret %s left in use", vault_name)
+
+    def _disable(self, vault_name: str, version: str) -> None:
+        self._call(
+            "disable",
+            vault_name,
+            lambda: self._client.update_secret_properties(vault_name, version, enabled=False),
+        )
 
     def _read(self, vault_name: str) -> _Found | None:
         """The secret's value: the newest version if it is a rotation, else the
@@ -319,6 +373,14 @@ class KeyVaultSecretStore:
         except HttpResponseError as exc:
             if http_status(exc) == 409 and _inner_code(exc) == "ObjectIsDeletedButRecoverable":
                 raise _Recoverable(vault_name) from None
+            if http_status(exc) == 409 and _inner_code(exc) == "ObjectIsBeingRecovered":
+                # Being recovered (by another worker, or a recovery that the
+                # vault reported finished a moment early): try again shortly.
+                raise StoreUnavailable(
+                    describe(exc, service="Key Vault", operation=f"set of secret {vault_name}")
+                    + " ObjectIsBeingRecovered",
+                    retry_after=2.0,
+                ) from None
             self._raise(exc, "set", vault_name)
         except AzureError as exc:
             self._raise(exc, "set", vault_name)
@@ -362,6 +424,14 @@ def _order(properties: SecretProperties) -> tuple[datetime, str]:
 def _first_created(versions: list[SecretProperties]) -> SecretProperties | None:
     created = [v for v in versions if (v.tags or {}).get(ORIGIN_TAG, _CREATE) == _CREATE]
     return min(created, key=_order) if created else None
+
+
+def _busy_if_conflict(refused: ProvisioningFailed, vault_name: str) -> None:
+    """A 409 while reclaiming a name: another worker is recovering it."""
+    if refused.details.get("status") == 409:
+        raise StoreUnavailable(
+            f"secret {vault_name} is being recovered by another worker", retry_after=2.0
+        ) from None
 
 
 def _inner_code(exc: HttpResponseError) -> str:
