@@ -18,6 +18,9 @@ What it serves (paths as the clients build them):
   backupRuns insert/list, Backups list, operations get/list. Operations go
   PENDING -> RUNNING -> DONE as they, or their instance, are read;
   a failed one carries ``error.errors[]`` and leaves the instance FAILED.
+  An instance without ``settings.edition`` is Enterprise Plus from PostgreSQL
+  16 and MySQL 8.4 on, which refuses the Enterprise edition's ``db-custom-*``
+  and shared-core tiers (400, Cloud SQL's message).
   A deleted instance's name cannot be used again, as on Cloud SQL (a week).
 - Memorystore for Redis v1 (``/v1/projects/{p}/locations/{l}/instances``):
   create/get/list/patch(``updateMask``)/delete, long-running operations with
@@ -96,6 +99,21 @@ _SQL_NAME = re.compile(r"^[a-z][a-z0-9-]{0,96}[a-z0-9]$")
 _REDIS_ID = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$")
 _RUN_ID = re.compile(r"^[a-z][a-z0-9-]{0,47}[a-z0-9]$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
+
+
+#: Machine types of the Enterprise edition only: custom and shared-core.
+_ENTERPRISE_TIERS = ("db-custom-", "db-f1-micro", "db-g1-small")
+
+
+def _default_sql_edition(version: str) -> str:
+    """The edition Cloud SQL gives an instance whose create names none:
+    Enterprise Plus for PostgreSQL 16 and later and for MySQL 8.4, which takes
+    its own ``db-perf-optimized-N-*`` tiers, not Enterprise's; Enterprise
+    before them."""
+    match = re.fullmatch(r"POSTGRES_(\d+)", version)
+    if (match and int(match.group(1)) >= 16) or version.startswith("MYSQL_8_4"):
+        return "ENTERPRISE_PLUS"
+    return "ENTERPRISE"
 
 
 def _now() -> str:
@@ -452,6 +470,17 @@ class GcpEmulator:
         settings = body.get("settings") or {}
         if not version or not settings.get("tier"):
             raise ApiError(400, "Invalid request: databaseVersion and settings.tier are required.")
+        tier = str(settings["tier"])
+        edition = str(settings.get("edition") or _default_sql_edition(str(version)))
+        if edition == "ENTERPRISE_PLUS" and tier.startswith(_ENTERPRISE_TIERS):
+            engine = "mysql" if str(version).startswith("MYSQL") else "postgres"
+            raise ApiError(
+                400,
+                f"Invalid request: Invalid Tier ({tier}) for (ENTERPRISE_PLUS) Edition. Use a "
+                "predefined Tier like db-perf-optimized-N-* instead. Learn more at "
+                f"https://cloud.google.com/sql/docs/{engine}/create-instance#machine-types.",
+                reason="invalid",
+            )
         if (project, name) in self.sql_instances or (project, name) in self.sql_deleted_names:
             raise ApiError(
                 409,
@@ -479,6 +508,7 @@ class GcpEmulator:
                 **copy.deepcopy(settings),
                 "kind": "sql#settings",
                 "settingsVersion": "1",
+                "edition": edition,
                 "userLabels": dict(settings.get("userLabels") or {}),
             },
             "ipAddresses": [],

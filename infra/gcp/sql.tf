@@ -8,6 +8,9 @@ resource "google_sql_database_instance" "store" {
   deletion_protection = var.deletion_protection
 
   settings {
+    # Named, never left to Cloud SQL: from PostgreSQL 16 on it defaults to
+    # Enterprise Plus, which refuses the db-custom-* tiers.
+    edition           = "ENTERPRISE"
     tier              = var.database_tier
     availability_type = "REGIONAL"
     disk_autoresize   = true

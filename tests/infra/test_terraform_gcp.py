@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import hcl2
+import httpx
 import pytest
 
+from kidp.gcp_emulator import start_gcp_emulator
 from kidp.scans import SCANS
 from kidp.settings import Settings
 from kidp.stores.cloudsql import parse_cloudsql_url
@@ -270,3 +272,30 @@ def test_the_store_logs_in_with_iam_only(flag: str) -> None:
     assert user["type"] == "CLOUD_IAM_SERVICE_ACCOUNT"
     assert user["for_each"] == "${local.functions}"
     assert not resources("google_sql_user").keys() - {"function"}
+
+
+def test_the_store_is_an_enterprise_instance_the_stand_in_accepts_with_its_tier() -> None:
+    """POSTGRES_16 and later default to Enterprise Plus, which refuses the
+    db-custom-* tiers: the instance names Enterprise, and the SQL Admin
+    stand-in (which refuses it as Cloud SQL does) takes the HCL's settings."""
+    instance = resource("google_sql_database_instance", "store")
+    (settings,) = instance["settings"]
+    assert settings["edition"] == "ENTERPRISE"
+    assert settings["tier"] == "${var.database_tier}"
+    tier = terraform()["variable"]["database_tier"]["default"]
+    assert tier.startswith("db-custom-")
+    emulator = start_gcp_emulator(operation_polls=0)
+    try:
+        body = {
+            "name": "kidp-store",
+            "databaseVersion": instance["database_version"],
+            "settings": {"tier": tier, "edition": settings["edition"]},
+        }
+        answer = httpx.post(f"{emulator.url}v1/projects/p/instances", json=body)
+        assert answer.status_code == 200, answer.text
+        body["name"] = "kidp-store-2"
+        del body["settings"]["edition"]
+        refused = httpx.post(f"{emulator.url}v1/projects/p/instances", json=body)
+        assert refused.status_code == 400  # what Cloud SQL answers without it
+    finally:
+        emulator.stop()

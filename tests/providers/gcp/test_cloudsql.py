@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import traceback
 
+import httpx
 import pytest
 from tests.providers.gcp.support import (
     CREDS,
@@ -225,6 +226,54 @@ def test_mysql_uses_its_root_user_at_any_host(
     assert emulator.sql_password(provider.project, name, "root", "%") == "N" * 32
 
 
+@pytest.mark.parametrize(("engine", "version"), [("postgresql", "16"), ("mysql", "8.4")])
+def test_versions_whose_default_edition_is_enterprise_plus_get_enterprise_for_custom_tiers(
+    provider: GcpProvider, operator: Operator, engine: str, version: str
+) -> None:
+    # Cloud SQL makes PostgreSQL 16+ and MySQL 8.4 Enterprise Plus unless told,
+    # and Enterprise Plus refuses the db-custom-* tiers the sizes use.
+    deployment = postgres(provider, engine=engine, version=version, size="small")
+    user = "root" if engine == "mysql" else "postgres"
+    deploy(provider, deployment, Credentials(username=user, password=PASSWORD))
+    assert settle(provider, deployment).state == "available"
+    settings = operator.sql_instance(provider.identifier(deployment))["settings"]
+    assert (settings["edition"], settings["tier"]) == ("ENTERPRISE", "db-custom-1-3840")
+
+
+@pytest.mark.parametrize(
+    ("version", "edition", "tier", "status"),
+    [
+        # Enterprise Plus is the default from PostgreSQL 16 and MySQL 8.4 on.
+        ("POSTGRES_16", None, "db-custom-1-3840", 400),
+        ("POSTGRES_18", None, "db-custom-1-3840", 400),
+        ("MYSQL_8_4", None, "db-custom-2-4096", 400),
+        ("POSTGRES_18", None, "db-g1-small", 400),
+        ("POSTGRES_15", "ENTERPRISE_PLUS", "db-custom-1-3840", 400),
+        ("POSTGRES_18", "ENTERPRISE", "db-custom-1-3840", 200),
+        ("MYSQL_8_4", "ENTERPRISE", "db-custom-2-4096", 200),
+        ("POSTGRES_18", None, "db-perf-optimized-N-2", 200),
+        # Enterprise before them.
+        ("POSTGRES_15", None, "db-custom-1-3840", 200),
+        ("MYSQL_8_0", None, "db-custom-1-3840", 200),
+    ],
+)
+def test_the_stand_in_refuses_enterprise_tiers_on_enterprise_plus_as_cloud_sql_does(
+    emulator: GcpEmulator, version: str, edition: str | None, tier: str, status: int
+) -> None:
+    settings = {"tier": tier} | ({"edition": edition} if edition else {})
+    body = {"name": "db-3", "databaseVersion": version, "settings": settings}
+    answer = httpx.post(f"{emulator.url}v1/projects/p/instances", json=body)
+    assert answer.status_code == status, answer.text
+    if status == 400:
+        error = answer.json()["error"]
+        assert (error["status"], error["errors"][0]["reason"]) == ("INVALID_ARGUMENT", "invalid")
+        assert f"Invalid Tier ({tier}) for (ENTERPRISE_PLUS) Edition" in error["message"]
+    else:
+        instance = httpx.get(f"{emulator.url}v1/projects/p/instances/db-3").json()
+        default = "ENTERPRISE_PLUS" if tier.startswith("db-perf-optimized-") else "ENTERPRISE"
+        assert instance["settings"]["edition"] == (edition or default)
+
+
 def test_plan_lists_the_request_without_calls_or_password(
     provider: GcpProvider, api_calls: list[tuple[str, str]]
 ) -> None:
@@ -242,6 +291,7 @@ def test_plan_lists_the_request_without_calls_or_password(
     assert "rootPassword" not in request["body"]
     assert request["body"]["name"] == plan["identifier"]
     assert request["body"]["settings"]["dataDiskSizeGb"] == "30"
+    assert request["body"]["settings"]["edition"] == "ENTERPRISE"
     assert request["body"]["settings"]["userLabels"] == expected_labels(deployment)
     assert any("final backup" in note for note in plan["notes"])
 

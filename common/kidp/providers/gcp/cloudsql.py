@@ -36,6 +36,9 @@ from kidp.providers.gcp.base import (
 
 #: Cloud SQL refuses disks under 10 GB.
 _MIN_STORAGE_GB = 10
+#: The edition of every instance: the one whose machine types are the
+#: ``db-custom-*`` tiers of :data:`SQL_TIERS`, for every version offered.
+SQL_EDITION = "ENTERPRISE"
 
 _STATES: dict[str, State] = {
     "RUNNABLE": "available",
@@ -129,6 +132,9 @@ class _CloudSqlInstance(_Kind):
             "databaseVersion": version,
             "region": self.p.region,
             "settings": {
+                # Named, never left to Cloud SQL: PostgreSQL 16+ and MySQL 8.4
+                # default to Enterprise Plus, which refuses db-custom-* tiers.
+                "edition": SQL_EDITION,
                 "tier": SQL_TIERS[size],
                 "availabilityType": "REGIONAL" if spec.high_availability else "ZONAL",
                 "dataDiskSizeGb": str(storage),
