@@ -53,11 +53,13 @@ resource "google_pubsub_subscription" "jobs" {
   }
 }
 
+# Dead jobs wait here for an operator (the dlq function lists and redrives
+# them) for 31 days, the longest Pub/Sub keeps a subscription's messages.
 resource "google_pubsub_subscription" "dead" {
   name                       = "${var.name}-jobs-dead"
   topic                      = google_pubsub_topic.dead.id
   ack_deadline_seconds       = 60
-  message_retention_duration = "604800s"
+  message_retention_duration = "2678400s"
   retain_acked_messages      = false
 
   expiration_policy {

@@ -204,6 +204,14 @@ def test_jobs_are_pushed_to_the_jobs_function_with_an_identity_token() -> None:
     )
 
 
+def test_dead_jobs_are_kept_31_days_the_longest_pubsub_keeps_them() -> None:
+    dead = resource("google_pubsub_subscription", "dead")
+    assert dead["message_retention_duration"] == f"{31 * 24 * 3600}s"
+    assert dead["retain_acked_messages"] is False  # a redriven job leaves
+    (expiration,) = dead["expiration_policy"]
+    assert expiration["ttl"] == ""  # the subscription itself never expires
+
+
 def test_delays_run_on_a_cloud_tasks_queue_that_publishes_as_its_own_account() -> None:
     environment = terraform()["locals"]["environment"]
     assert environment["KIDP_GCP_TASKS_QUEUE"] == "${google_cloud_tasks_queue.delays.id}"
