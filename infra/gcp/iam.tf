@@ -26,6 +26,16 @@ resource "google_service_account" "scheduler" {
   display_name = "KIDP broker: Cloud Scheduler calling the scan function"
 }
 
+# What the Cloud Run services the broker provisions run as
+# (KIDP_GCP_RUN_SERVICE_ACCOUNT): an account with no roles, so a tenant's
+# service gets no access of the broker's. Without it they would run as the
+# project's default compute account, which the jobs function may not act as.
+resource "google_service_account" "services" {
+  account_id   = "${var.name}-services"
+  display_name = "KIDP broker: the Cloud Run services it provisions"
+  description  = "Runtime identity of provisioned Cloud Run services; holds no roles."
+}
+
 # ------------------------------------------------------------------ store
 
 resource "google_project_iam_member" "sql_client" {
@@ -119,6 +129,15 @@ resource "google_service_account_iam_member" "act_as_tasks" {
   service_account_id = google_service_account.tasks.name
   role               = "roles/iam.serviceAccountUser"
   member             = google_service_account.function[each.key].member
+}
+
+# Deploying a Cloud Run service that runs as an account needs
+# iam.serviceAccounts.actAs on that account: the jobs function may act as the
+# services' account, and as no other (not the functions' own).
+resource "google_service_account_iam_member" "jobs_act_as_services" {
+  service_account_id = google_service_account.services.name
+  role               = "roles/iam.serviceAccountUser"
+  member             = google_service_account.function["jobs"].member
 }
 
 # Google's agents mint the tokens of the accounts they call as (older

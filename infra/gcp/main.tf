@@ -77,6 +77,7 @@ locals {
     KIDP_GCP_DEAD_LETTER_SUBSCRIPTION = google_pubsub_subscription.dead.id
     KIDP_GCP_TASKS_QUEUE              = google_cloud_tasks_queue.delays.id
     KIDP_GCP_TASKS_SERVICE_ACCOUNT    = google_service_account.tasks.email
+    KIDP_GCP_RUN_SERVICE_ACCOUNT      = google_service_account.services.email
     KIDP_JOB_MAX_DELIVERIES           = tostring(var.job_max_deliveries)
     KIDP_SECRET_STORE                 = "gcp"
     KIDP_CALLBACK_ALLOWLIST           = join(",", var.callback_allowlist)

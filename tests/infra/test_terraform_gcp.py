@@ -41,6 +41,7 @@ REQUIRED = {
     "KIDP_GCP_DEAD_LETTER_SUBSCRIPTION",
     "KIDP_GCP_TASKS_QUEUE",
     "KIDP_GCP_TASKS_SERVICE_ACCOUNT",
+    "KIDP_GCP_RUN_SERVICE_ACCOUNT",
     "KIDP_JOB_MAX_DELIVERIES",
     "KIDP_SECRET_STORE",
     "KIDP_JWT_SECRET",
@@ -243,11 +244,54 @@ def test_no_account_may_act_as_any_other_and_no_basic_role_is_granted() -> None:
             "roles/iam.serviceAccountUser",
             "roles/iam.serviceAccountTokenCreator",
         }, name
-    for grant in resources("google_service_account_iam_member").values():
-        assert grant["service_account_id"] in {
+    # Exactly these: every function may act as the tasks account (a delayed
+    # job's task carries its token), Google's agents mint the tokens of the
+    # accounts they call as, and the jobs function may act as the provisioned
+    # services' account (deploying a Cloud Run service needs actAs on what it
+    # runs as); nobody may act as a function's own account.
+    grants = {
+        (grant["service_account_id"], grant["role"], grant["member"])
+        for grant in resources("google_service_account_iam_member").values()
+    }
+    assert grants == {
+        (
             "${google_service_account.tasks.name}",
+            "roles/iam.serviceAccountUser",
+            "${google_service_account.function[each.key].member}",
+        ),
+        (
+            "${google_service_account.tasks.name}",
+            "roles/iam.serviceAccountTokenCreator",
+            "${local.tasks_agent}",
+        ),
+        (
             "${google_service_account.push.name}",
-        }
+            "roles/iam.serviceAccountTokenCreator",
+            "${local.pubsub_agent}",
+        ),
+        (
+            "${google_service_account.services.name}",
+            "roles/iam.serviceAccountUser",
+            '${google_service_account.function["jobs"].member}',
+        ),
+    }
+
+
+def test_provisioned_services_run_as_their_own_account_the_jobs_function_may_act_as() -> None:
+    environment = terraform()["locals"]["environment"]
+    assert environment["KIDP_GCP_RUN_SERVICE_ACCOUNT"] == "${google_service_account.services.email}"
+    act_as = resource("google_service_account_iam_member", "jobs_act_as_services")
+    assert act_as["service_account_id"] == "${google_service_account.services.name}"
+    assert act_as["role"] == "roles/iam.serviceAccountUser"
+    assert act_as["member"] == '${google_service_account.function["jobs"].member}'
+    # The services' account holds no role of its own.
+    members = [
+        grant["member"]
+        for kind, grants in terraform()["resource"].items()
+        if kind.endswith("_iam_member")
+        for grant in grants.values()
+    ]
+    assert "${google_service_account.services.member}" not in members
 
 
 def test_pubsubs_agent_may_move_messages_to_the_dead_letter_topic() -> None:
