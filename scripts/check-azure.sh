@@ -5,7 +5,8 @@
 #   2. tests/infra/test_bicep.py: the app settings are exactly KIDP_* variables
 #      that kidp.settings reads (the required ones present), the queue and table
 #      they name are the ones the template makes, secrets are Key Vault
-#      references, the identity's roles are the adapters' needs;
+#      references, the identity's roles are the adapters' needs, the managed
+#      group is never the broker's own;
 #   3. checkov on infra/azure (Bicep, offline): no failed check; every exception
 #      is a `// checkov:skip=ID: reason` comment in the resource it concerns;
 #   4. azure/function_app.py imports and indexes its functions (no Azure needed).

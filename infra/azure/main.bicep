@@ -18,8 +18,10 @@ param location string = resourceGroup().location
 @maxLength(11)
 param name string = 'kidp'
 
-@description('The resource group the broker provisions into (Contributor there, nothing elsewhere).')
-param managedResourceGroupName string = resourceGroup().name
+@description('The resource group the broker provisions into (Contributor there, nothing elsewhere); another group than this one, which holds the broker itself.')
+@minLength(1)
+@maxLength(90)
+param managedResourceGroupName string
 
 @description('Service Bus namespace (name in the managed group, or resource id) topics go in; empty: no topics.')
 param servicebusNamespace string = ''
@@ -87,6 +89,14 @@ var tags = {
   application: 'kidp-broker'
   'managed-by': managedBy
 }
+
+// Contributor on this group would let the broker's identity change its own
+// function app, storage and vault. Naming it makes the deployment fail before
+// anything is made: the managed group becomes one that cannot exist ("Resource
+// group 'managedResourceGroupName-must-name-another-group-than-the-brokers-own'
+// could not be found"). Group names are case-insensitive.
+var refusedGroup = 'managedResourceGroupName-must-name-another-group-than-the-brokers-own'
+var managedGroup = (toLower(managedResourceGroupName) == toLower(resourceGroup().name)) ? refusedGroup : managedResourceGroupName
 
 // Built-in roles (ids are the same in every tenant).
 var roles = {
@@ -327,7 +337,7 @@ resource insightsRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
 
 module managedAccess 'modules/managed-access.bicep' = {
   name: '${name}-managed-access'
-  scope: resourceGroup(managedResourceGroupName)
+  scope: resourceGroup(managedGroup)
   params: {
     principalId: identity.properties.principalId
   }
@@ -422,7 +432,7 @@ var baseSettings = [
   }
   {
     name: 'KIDP_AZURE_RESOURCE_GROUP'
-    value: managedResourceGroupName
+    value: managedGroup
   }
   {
     name: 'KIDP_STORE_URL'

@@ -3,7 +3,8 @@
 setting is a :class:`~kidp.settings.Settings` field, the required ones are
 there, the queue and table the settings name are the ones the template makes,
 secrets are Key Vault references, and the identity holds exactly the roles the
-adapters need. ``scripts/check-azure.sh`` runs checkov on the same files."""
+adapters need, never over the broker's own resource group.
+``scripts/check-azure.sh`` runs checkov on the same files."""
 
 from __future__ import annotations
 
@@ -92,6 +93,49 @@ def settings(template: dict[str, Any]) -> dict[str, Any]:
 
 def resources_of(template: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in template["resources"].items() if v["type"] == kind}
+
+
+def evaluate(template: dict[str, Any], node: Any, scope: dict[str, str]) -> Any:
+    """The value of a pycep expression, for the few forms the checks below
+    need: literals, parameters and variables (``scope`` holds the parameters'
+    values and ``resourceGroup().name``), interpolation, ``toLower``, ``==``,
+    ``!=`` and the ternary operator."""
+    variables = template["variables"]
+    if isinstance(node, str):
+        if node in scope:
+            return scope[node]
+        if node in variables:
+            return evaluate(template, variables[node]["value"], scope)
+        return re.sub(r"\$\{(\w+)\}", lambda m: str(evaluate(template, m.group(1), scope)), node)
+    if isinstance(node, dict) and "operator" in node:
+        kind, operands = node["operator"]["type"], node["operator"]["operands"]
+        if kind == "conditional":
+            chosen = (
+                "true_value" if evaluate(template, operands["condition"], scope) else "false_value"
+            )
+            return evaluate(template, operands[chosen], scope)
+        left = evaluate(template, operands["operand_1"], scope)
+        right = evaluate(template, operands["operand_2"], scope)
+        if kind in ("equals", "not_equals"):
+            return (left == right) == (kind == "equals")
+    if isinstance(node, dict) and "function" in node:
+        function = node["function"]
+        if function["type"] == "to_lower":
+            return str(
+                evaluate(template, function["parameters"]["string_to_change"], scope)
+            ).lower()
+        if (
+            function["type"] == "resource_group"
+            and function["parameters"]["resource_group_name"] is None
+            and function.get("property_name") == "name"
+        ):
+            return scope["resourceGroup().name"]
+    if isinstance(node, dict) and not ({"operator", "function"} & set(node)):
+        return {
+            evaluate(template, key.strip("'"), scope): evaluate(template, value, scope)
+            for key, value in node.items()
+        }
+    raise AssertionError(f"not evaluated here: {node!r}")
 
 
 # ------------------------------------------------------------------ app settings
@@ -199,3 +243,36 @@ def test_the_parameter_file_sets_declared_parameters_and_no_secret(
     assert set(params) <= set(template["parameters"])
     assert params["callbackSecret"].startswith("readEnvironmentVariable(")
     assert params["jwtSecret"].startswith("readEnvironmentVariable(")
+
+
+# ------------------------------------------------------------------ the managed group
+
+
+def test_the_managed_group_is_required_and_never_the_brokers_own(
+    template: dict[str, Any],
+) -> None:
+    param = template["parameters"]["managedResourceGroupName"]
+    assert param["default"] is None  # no default: the broker's own group was it
+    scope = template["modules"]["managedAccess"]["config"]["scope"]["function"]
+    assert scope["type"] == "resource_group"
+    group = scope["parameters"]["resource_group_name"]
+    # The app setting names the same group the Contributor assignment is on.
+    assert settings(template)["KIDP_AZURE_RESOURCE_GROUP"] == group
+
+    def managed(name: str, own: str) -> str:
+        values = {"managedResourceGroupName": name, "resourceGroup().name": own}
+        return str(evaluate(template, group, values))
+
+    assert managed("kidp-managed", "kidp") == "kidp-managed"
+    # Naming the broker's own group (in any case) points the module at a group
+    # that cannot exist: ARM refuses the deployment (ResourceGroupNotFound,
+    # naming the rule) before anything is made.
+    for name in ("kidp", "KIDP", "Kidp"):
+        refused = managed(name, "kidp")
+        assert refused.lower() != "kidp"
+        assert "managedResourceGroupName" in refused
+        assert re.fullmatch(r"[-\w.()]{1,89}[-\w()]", refused)  # a valid group name
+    params = dict(
+        re.findall(r"^param (\w+) = (.+)$", (INFRA / "main.bicepparam").read_text(), flags=re.M)
+    )
+    assert params["managedResourceGroupName"] == "'kidp-managed'"
