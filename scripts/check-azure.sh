@@ -6,7 +6,8 @@
 #      that kidp.settings reads (the required ones present), the queue and table
 #      they name are the ones the template makes, secrets are Key Vault
 #      references, the identity's roles are the adapters' needs, the managed
-#      group is never the broker's own;
+#      group is never the broker's own, and the broker's own resources carry its
+#      managed-by key with a value of their own (not orphans to its scans);
 #   3. checkov on infra/azure (Bicep, offline): no failed check; every exception
 #      is a `// checkov:skip=ID: reason` comment in the resource it concerns;
 #   4. azure/function_app.py imports and indexes its functions (no Azure needed).

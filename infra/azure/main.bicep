@@ -85,9 +85,13 @@ var vaultName = '${name}-kv-${take(suffix, 10)}'
 var jobsQueueName = 'kidp-jobs'
 var tableName = 'kidp'
 var deploymentContainer = 'app-package'
+// The broker's own resources carry the broker's managed-by tag key (its default
+// KIDP_TAG_PREFIX in Azure's tag alphabet: kidp.tags.encode_key('managed-by',
+// dialect='azure')) with a value of their own: the orphan scan sees them as
+// someone else's, never as its resources or as untagged look-alikes of them.
 var tags = {
   application: 'kidp-broker'
-  'managed-by': managedBy
+  'platform.company.com_managed-by': '${managedBy}-broker-infra'
 }
 
 // Contributor on this group would let the broker's identity change its own

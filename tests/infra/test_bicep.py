@@ -2,9 +2,10 @@
 ``.venv-tools``), checked against what the broker reads: every ``KIDP_*`` app
 setting is a :class:`~kidp.settings.Settings` field, the required ones are
 there, the queue and table the settings name are the ones the template makes,
-secrets are Key Vault references, and the identity holds exactly the roles the
-adapters need, never over the broker's own resource group.
-``scripts/check-azure.sh`` runs checkov on the same files."""
+secrets are Key Vault references, the identity holds exactly the roles the
+adapters need, never over the broker's own resource group, and the broker's own
+resources are not orphans to its scans. ``scripts/check-azure.sh`` runs
+checkov on the same files."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ from typing import Any
 import pytest
 from tests.conftest import missing
 
+from kidp import tags as tagging
+from kidp.arm_emulator import ArmEmulatorCredential, start_arm_emulator
 from kidp.edges.azure import JOBS_QUEUE, STORAGE_CONNECTION
+from kidp.providers.azure import AzureProvider
 from kidp.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -276,3 +280,68 @@ def test_the_managed_group_is_required_and_never_the_brokers_own(
         re.findall(r"^param (\w+) = (.+)$", (INFRA / "main.bicepparam").read_text(), flags=re.M)
     )
     assert params["managedResourceGroupName"] == "'kidp-managed'"
+
+
+# ------------------------------------------------------------------ the broker's own tags
+
+
+def broker_tags(template: dict[str, Any], managed_by: str = "kidp") -> dict[str, str]:
+    """The tags the template puts on the broker's own resources."""
+    values = {"managedBy": managed_by}
+    return dict(evaluate(template, template["variables"]["tags"]["value"], values))
+
+
+def test_the_brokers_own_resources_carry_its_managed_by_key_with_their_own_value(
+    template: dict[str, Any],
+) -> None:
+    key = tagging.encode_key(
+        tagging.MANAGED_BY, dialect="azure", prefix=Settings.model_fields["tag_prefix"].default
+    )
+    assert broker_tags(template) == {key: "kidp-broker-infra", "application": "kidp-broker"}
+    assert broker_tags(template, "other")[key] == "other-broker-infra"
+    # The key is the broker's only while the app leaves KIDP_TAG_PREFIX at its default.
+    assert "KIDP_TAG_PREFIX" not in settings(template)
+    tagged = {
+        name
+        for name, resource in template["resources"].items()
+        if text(resource["config"].get("tags")) == "tags"
+    }
+    assert tagged == {
+        "identity",
+        "storage",
+        "vault",
+        "workspace",
+        "insights",
+        "plan",
+        "functionApp",
+    }
+
+
+def test_the_orphan_scan_leaves_the_brokers_own_storage_account_alone(
+    template: dict[str, Any], tmp_path: Path
+) -> None:
+    """The broker's storage account is named like a bucket it makes (``kidp``
+    and letters): with the template's tags, the scan's listing leaves it out,
+    as someone else's; without them it would be an untagged look-alike."""
+    storage_name = evaluate(
+        template, "storageName", {"name": "kidp", "resourceGroup().id": "", "suffix": "abc123"}
+    )
+    assert storage_name == "kidpstabc123"
+    arm = start_arm_emulator(directory=tmp_path / "arm", resource_groups=("kidp",))
+    try:
+        provider = AzureProvider(
+            subscription_id=arm.subscription_id,
+            resource_group="kidp",
+            region=arm.location,
+            credential=ArmEmulatorCredential(),
+            base_url=arm.url,
+            connection_verify=str(arm.ca_file),
+            retry_backoff=0,
+        )
+        account = arm.resource_id("kidp", "Microsoft.Storage", "storageAccounts", storage_name)
+        arm.seed(account, {"location": arm.location, "tags": {"application": "kidp-broker"}})
+        assert [m.name for m in provider.list_managed() if not m.tagged] == [storage_name]
+        arm.seed(account, {"location": arm.location, "tags": broker_tags(template)})
+        assert provider.list_managed() == []
+    finally:
+        arm.stop()

@@ -581,6 +581,34 @@ def test_list_managed_decodes_tags_and_flags_untagged_kidp_resources(
     assert len(found) == 4
 
 
+def test_list_managed_leaves_out_what_another_managed_by_value_claims(
+    provider: AzureProvider, arm: RunningArmEmulator
+) -> None:
+    """Named like ours, but tagged with the managed-by key and another value
+    (the broker's own infrastructure, another broker, a kept resource): someone
+    else's, neither ours nor an untagged look-alike."""
+    claimed = {
+        "kidpstabc123": "kidp-broker-infra",
+        "kidpstother0001": "another-broker",
+        "kidpstkept0001": "kidp-retained",
+    }
+    for name, value in claimed.items():
+        arm.seed(
+            arm.resource_id(GROUP, "Microsoft.Storage", "storageAccounts", name),
+            {"location": arm.location, "tags": {f"{PREFIX}managed-by": value}},
+        )
+    arm.seed(
+        arm.resource_id(GROUP, "Microsoft.Cache", "redis", "kidp-infra-cache"),
+        {"location": arm.location, "tags": {f"{PREFIX}managed-by": "kidp-broker-infra"}},
+    )
+    arm.seed(
+        arm.resource_id(GROUP, "Microsoft.Storage", "storageAccounts", "kidpstray0001"),
+        {"location": arm.location, "tags": {"managed-by": "kidp"}},  # not the broker's key
+    )
+    found = provider.list_managed()
+    assert [(m.name, m.tagged) for m in found] == [("kidpstray0001", False)]
+
+
 # --- quota --------------------------------------------------------------------------------------
 
 

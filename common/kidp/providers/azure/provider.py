@@ -676,8 +676,12 @@ class AzureProvider:
         """Resources in the resource group tagged managed-by=<this broker> (one per
         deployment and type: a SQL database rather than its server), plus
         resources named like ours (``kidp-``, storage accounts ``kidp``) with no
-        managed-by tag (``tagged=False``). Retained resources are in neither.
-        Service Bus topics cannot carry tags, so they are not listed."""
+        managed-by tag (``tagged=False``). A resource whose managed-by tag holds
+        another value is someone else's and in neither: a retained one
+        (``<managed_by>-retained``), another broker's, or the broker's own
+        infrastructure (the Bicep tags it ``<managed_by>-broker-infra``; its
+        storage account is named ``kidpst...``). Service Bus topics cannot carry
+        tags, so they are not listed."""
         managed_key = self.tag_key(tagging.MANAGED_BY)
         deployment_key = self.tag_key(tagging.DEPLOYMENT_ID)
         ranks: dict[str, tuple[ResourceType, int, _Kind]] = {
@@ -716,7 +720,7 @@ class AzureProvider:
                     )
                 continue
             if managed_by != self.managed_by:
-                continue
+                continue  # someone else's (see the docstring)
             resource = ManagedResource(
                 cloud_resource_id=str(item["id"]), resource_type=rtype, name=name, tags=cloud_tags
             )
