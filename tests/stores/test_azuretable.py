@@ -15,7 +15,12 @@ from tests.azuretools import FaultyTransport, batches_after, is_batch
 from tests.conftest import azure_name
 
 from kidp.emulator import free_port
-from kidp.errors import NotFound, StoreUnavailable, ValidationFailed
+from kidp.errors import (
+    DuplicateDeployment,
+    NotFound,
+    StoreUnavailable,
+    ValidationFailed,
+)
 from kidp.models import CallbackEvent, Deployment, Phase, ResourceType, utcnow
 from kidp.providers.azure.dataplane import parse_storage_url
 from kidp.stores.azuretable import TableDeploymentStore
@@ -153,6 +158,36 @@ def test_list_without_a_namespace_reads_every_namespace(
     assert azure_table_store.list() == [a, b, c]
     assert azure_table_store.list(phases=[Phase.READY, Phase.FAILED]) == [c]
     assert azure_table_store.count_by_phase()[Phase.PENDING] == 2
+
+
+def index_rows(azurite: Any, table: str) -> list[str]:
+    """The partitions of every ``deployment|<id>`` index entry."""
+    client = TableClient.from_connection_string(azurite.connection_string, table)
+    found = client.query_entities(
+        "PartitionKey ge @lo and PartitionKey lt @hi",
+        parameters={"lo": "deployment|", "hi": "deployment}"},
+        select=["PartitionKey"],
+    )
+    return sorted(str(e["PartitionKey"]) for e in found)
+
+
+def test_a_refused_duplicate_create_leaves_no_index_entry(
+    azure_table_store: TableDeploymentStore, azurite: Any, make: Make
+) -> None:
+    table = azure_table_store.table_name
+    first = azure_table_store.create(make(request_id="req-1"))
+    assert index_rows(azurite, table) == [f"deployment|{first.id}"]
+    for duplicate in (make(), make("other-name", request_id="req-1")):  # the name, the request
+        with pytest.raises(DuplicateDeployment) as caught:
+            azure_table_store.create(duplicate)
+        assert caught.value.existing.id == first.id
+        assert azure_table_store.get(duplicate.id) is None
+    assert index_rows(azurite, table) == [f"deployment|{first.id}"]
+    # The same id again is the deployment itself: its entry stays.
+    with pytest.raises(DuplicateDeployment):
+        azure_table_store.create(first)
+    assert index_rows(azurite, table) == [f"deployment|{first.id}"]
+    assert azure_table_store.get(first.id) == first
 
 
 # ------------------------------------------------------------------ crashes

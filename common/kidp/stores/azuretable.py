@@ -46,7 +46,8 @@ What the SQL constraints and DynamoDB's transactions give elsewhere:
 The entities outside a namespace's partition are indexes, written *before*
 the transaction they point into and never relied on alone: an index entry
 left by a transaction that then failed (or a process that died) points at a
-row that is not there, which reads as "none". ``get`` finds a deployment's
+row that is not there, which reads as "none"; a create refused as a duplicate
+of another deployment removes its own entry. ``get`` finds a deployment's
 partition through ``deployment|<id>`` (cached: a deployment never changes
 namespace), ``get_event`` an event's through ``outbox``/``id|<event id>``,
 ``pending_events`` reads ``outbox``/``pending|...`` in creation order and
@@ -368,6 +369,8 @@ class TableDeploymentStore:
             except _Refused:
                 holder = self._holder(deployment)
                 if holder is not None:
+                    if holder.id != deployment.id:
+                        self._unregister(deployment)
                     raise DuplicateDeployment(holder) from None
                 # The holder finished or was purged between our write and the
                 # look, or the counter moved: the way may be free now.
@@ -769,6 +772,24 @@ class TableDeploymentStore:
                 }
             )
         self._remember(deployment.id, deployment.namespace)
+
+    def _unregister(self, deployment: Deployment) -> None:
+        """Remove the index entry ``_register`` wrote for a create that was
+        refused as a duplicate of another deployment, unless a deployment with
+        this id is stored after all (an earlier attempt of the same create).
+        Best effort: a leftover entry reads as "none"."""
+        try:
+            if self._read(_ns_pk(deployment.namespace), _dep_rk(deployment.id)) is not None:
+                return
+            with self._lock:
+                self._namespaces.pop(deployment.id, None)
+            self._table.delete_entity(_dep_index_pk(deployment.id), _INDEX)
+        except AzureError as error:
+            log.warning(
+                "index entry of refused deployment %s not removed: %s",
+                deployment.id,
+                describe(error, service="Table Storage", operation="delete_entity"),
+            )
 
     def _index_events(self, namespace: str, events: Iterable[CallbackEvent]) -> None:
         """The outbox entries of ``events`` (where each lives; pending ones in
