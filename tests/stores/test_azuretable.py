@@ -10,12 +10,13 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from azure.data.tables import TableClient, TableServiceClient
+from azure.data.tables import TableClient, TableServiceClient, TableTransactionError
 from tests.azuretools import FaultyTransport, batches_after, is_batch
 from tests.conftest import azure_name
 
 from kidp.emulator import free_port
 from kidp.errors import (
+    ConcurrentUpdate,
     DuplicateDeployment,
     NotFound,
     StoreUnavailable,
@@ -188,6 +189,68 @@ def test_a_refused_duplicate_create_leaves_no_index_entry(
         azure_table_store.create(first)
     assert index_rows(azurite, table) == [f"deployment|{first.id}"]
     assert azure_table_store.get(first.id) == first
+
+
+def naming_no_operation(store: TableDeploymentStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every refused transaction of ``store`` name no operation: the SDK
+    then reports index 0, whichever operation was refused."""
+    submit = store._table.submit_transaction
+
+    def without_index(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return submit(*args, **kwargs)
+        except TableTransactionError as error:
+            error.index = 0
+            raise
+
+    monkeypatch.setattr(store._table, "submit_transaction", without_index)
+
+
+def test_a_refused_slot_with_no_operation_index_is_a_duplicate_not_a_stale_version(
+    azure_table_store: TableDeploymentStore, make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = azure_table_store.create(make(phase=Phase.FAILED))
+    holder = azure_table_store.create(make())
+    naming_no_operation(azure_table_store, monkeypatch)
+    with pytest.raises(DuplicateDeployment) as caught:
+        azure_table_store.save(old.evolve(phase=Phase.PENDING), expected_version=old.version)
+    assert caught.value.existing.id == holder.id
+    # A deployment that did change is still stale.
+    azure_table_store.save(old.evolve(message="moved on"), expected_version=old.version)
+    with pytest.raises(ConcurrentUpdate):
+        azure_table_store.save(old.evolve(message="late"), expected_version=old.version)
+
+
+def test_a_busy_counter_with_no_operation_index_is_tried_again_not_a_stale_version(
+    azure_table_store: TableDeploymentStore,
+    azurite: Any,
+    make: Make,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    d = azure_table_store.create(make())
+    other = TableClient.from_connection_string(
+        azurite.connection_string, azure_table_store.table_name
+    )
+    # Another writer moves the namespace counter between our read and our
+    # transaction, once; the service's refusal names no operation.
+    submit = azure_table_store._table.submit_transaction
+    moved: list[bool] = []
+
+    def counter_moves_first(*args: Any, **kwargs: Any) -> Any:
+        if not moved:
+            moved.append(True)
+            other.upsert_entity(
+                {"PartitionKey": "ns|team-a", "RowKey": "counter", "provisioning": 0}
+            )
+        return submit(*args, **kwargs)
+
+    monkeypatch.setattr(azure_table_store._table, "submit_transaction", counter_moves_first)
+    naming_no_operation(azure_table_store, monkeypatch)
+    saved = azure_table_store.save(d.evolve(phase=Phase.PROVISIONING), expected_version=0)
+    assert moved and saved.version == 1
+    assert (
+        entities(azurite, azure_table_store.table_name, "ns|team-a")["counter"]["provisioning"] == 1
+    )
 
 
 # ------------------------------------------------------------------ crashes

@@ -250,7 +250,8 @@ def _if_match(etag: str) -> dict[str, Any]:
 
 class _Refused(Exception):
     """A transaction refused by a condition (409 exists, 412 changed, 404 gone)
-    or by contention; ``index`` is the operation at fault."""
+    or by contention; ``index`` is the operation at fault, or 0 when the answer
+    named none (the SDK's default), so 0 alone proves nothing."""
 
     def __init__(self, error: TableTransactionError) -> None:
         super().__init__(error_code(error))
@@ -441,7 +442,11 @@ class TableDeploymentStore:
                 self._transact(ops)
                 return record
             except _Refused as refused:
-                if refused.index == 0:
+                # Index 0 is the deployment's own update, or an answer that
+                # named no operation (the SDK then says 0 too): stale only if
+                # the deployment really changed; else a slot or the counter
+                # refused it, as for any other index.
+                if refused.index == 0 and self._changed(record.id, expected_version):
                     raise stale(record.id, expected_version) from None
                 if refused.status == 409:
                     holder = self._holder(record, exclude_id=record.id)
@@ -946,6 +951,11 @@ class TableDeploymentStore:
             _ns_pk(str(index["namespace"])), _evt_rk(str(index["deploymentId"]), event_id)
         )
         return None if row is None else _body(row, CallbackEvent)
+
+    def _changed(self, deployment_id: str, expected_version: int) -> bool:
+        """Whether the stored deployment is gone or past ``expected_version``."""
+        found = self._read_deployment(deployment_id)
+        return found is None or found[0].version != expected_version
 
     def _owner_id(self, pk: str, rk: str) -> str | None:
         entity = self._read(pk, rk)
