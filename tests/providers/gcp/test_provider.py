@@ -209,6 +209,39 @@ def test_list_managed_decodes_labels_and_finds_unlabelled_kidp_resources(
     assert listed["kidp-stray-bucket"].resource_type is ResourceType.BUCKET
 
 
+def test_list_managed_leaves_out_what_another_manager_labels_as_its_own(
+    provider: GcpProvider, operator: Operator
+) -> None:
+    """The broker's own infrastructure (infra/gcp labels it managed-by
+    kidp-broker-infra) and what a Google service manages (the Cloud Run
+    service behind each Cloud Function, labelled goog-managed-by) are named
+    kidp-* too, but are somebody else's: not untagged look-alikes."""
+    from google.cloud import run_v2
+
+    infra = tagging.encode({tagging.MANAGED_BY: "kidp-broker-infra"}, dialect="gcp")
+    store = {
+        "name": "kidp-store",
+        "databaseVersion": "POSTGRES_18",
+        "region": REGION,
+        "settings": {"tier": "db-custom-1-3840", "edition": "ENTERPRISE", "userLabels": infra},
+    }
+    operator.sql.instances().insert(project=provider.project, body=store).execute()
+    source = operator.storage.bucket("kidp-prod-kidp-function-source")
+    source.labels = infra
+    operator.storage.create_bucket(source)
+    function = run_v2.Service(
+        labels={"goog-managed-by": "cloudfunctions"},
+        template=run_v2.RevisionTemplate(containers=[run_v2.Container(image="gcf/api")]),
+    )
+    operator.run.create_service(parent=operator.location, service=function, service_id="kidp-api")
+    operator.storage.create_bucket(operator.storage.bucket("kidp-stray-bucket"))
+
+    listed = {r.name: r for r in provider.list_managed()}
+
+    assert set(listed) == {"kidp-stray-bucket"}
+    assert listed["kidp-stray-bucket"].tagged is False
+
+
 def test_adc_is_not_touched_until_a_call_needs_it(monkeypatch: pytest.MonkeyPatch) -> None:
     import google.auth
     from google.auth import exceptions as auth_exceptions

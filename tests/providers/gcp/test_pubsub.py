@@ -80,6 +80,11 @@ def test_list_managed_finds_labelled_topics_and_unlabelled_kidp_ones(
     publisher.create_topic(
         request={"name": f"projects/{provider.project}/topics/kidp-kept", "labels": kept}
     )
+    # The broker's own job topic, labelled by infra/gcp as its infrastructure.
+    infra = tagging.encode({tagging.MANAGED_BY: "kidp-broker-infra"}, dialect="gcp")
+    publisher.create_topic(
+        request={"name": f"projects/{provider.project}/topics/kidp-jobs", "labels": infra}
+    )
     publisher.create_topic(name=f"projects/{provider.project}/topics/kidp-stray")
     publisher.create_topic(name=f"projects/{provider.project}/topics/someone-elses")
 

@@ -67,6 +67,9 @@ from kidp.providers.ownership import deployment_tags
 logger = logging.getLogger(__name__)
 
 _SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
+#: The label Google's services put on what they create and manage themselves
+#: (``cloudfunctions`` on a Cloud Function's Cloud Run service).
+GOOGLE_MANAGED_BY = "goog-managed-by"
 _SERVICE_NAMES = {
     "sqladmin": "Cloud SQL Admin",
     "redis": "Memorystore for Redis",
@@ -597,8 +600,12 @@ class GcpProvider:
 
     def list_managed(self) -> Sequence[ManagedResource]:
         """Resources labelled managed-by=<this broker>, plus ``kidp-`` resources
-        with no managed-by label at all (``tagged=False``). Retained resources
-        carry ``<managed_by>-retained`` and are in neither list."""
+        with no manager's label at all (``tagged=False``). A resource whose
+        managed-by label holds another value is someone else's and in neither
+        list: a retained one (``<managed_by>-retained``), the broker's own
+        infrastructure (``infra/gcp`` labels it ``<managed_by>-broker-infra``),
+        another broker's. So is one a Google service manages (``goog-managed-by``:
+        the Cloud Run service behind each of the broker's Cloud Functions)."""
         managed_key = self.label_key(tagging.MANAGED_BY)
         managed_value = tagging.encode_value(self.managed_by, dialect="gcp")
         found: list[ManagedResource] = []
@@ -616,7 +623,11 @@ class GcpProvider:
                             tags=labels,
                         )
                     )
-                elif tagging.MANAGED_BY not in logical and name.startswith(NAME_PREFIX):
+                elif (
+                    tagging.MANAGED_BY not in logical
+                    and GOOGLE_MANAGED_BY not in labels
+                    and name.startswith(NAME_PREFIX)
+                ):
                     found.append(
                         ManagedResource(
                             cloud_resource_id=resource_id,
