@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 import pytest
+from tests.conftest import LambdaContext
 
 from kidp.edges.aws import EmfBridge, scan_name, settings_from_env, tracing_enabled
 from kidp.errors import ValidationFailed
@@ -167,3 +168,32 @@ def test_tracing_only_on_lambda_and_not_when_disabled(
     environ: dict[str, str], expected: bool
 ) -> None:
     assert tracing_enabled(environ) is expected
+
+
+# --------------------------------------------------------------------- dlq
+
+
+def test_the_dlq_function_refuses_bad_fields_with_the_documented_error(
+    dlq_broker: Any,
+) -> None:
+    """Lambda's dlq is invoked, not served: a refused request is the
+    invocation's error, ``ValidationFailed`` (400, ``validation_failed``)."""
+    from kidp.edges import aws as edge
+
+    harness = dlq_broker
+    edge.install(harness.broker)
+    try:
+        listed = edge.dlq({"action": "list", "includeResolved": "false"}, LambdaContext())
+        assert [c["id"] for c in listed["callbacks"]] == ["dl-open"]
+        for bad in (
+            {"action": "list", "includeResolved": "0"},
+            {"action": "redrive", "limit": "ten"},
+            {"action": "redrive", "limit": None},
+        ):
+            with pytest.raises(ValidationFailed) as raised:
+                edge.dlq(bad, LambdaContext())
+            assert raised.value.http_status == 400
+            assert raised.value.to_body()["error"] == "validation_failed"
+        assert harness.store.get_dead_letter("dl-open").resolved_at is None
+    finally:
+        edge.reset()

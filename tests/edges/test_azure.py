@@ -237,6 +237,41 @@ def test_dlq_requests(functions: dict[str, Any], make_broker: Callable[..., Any]
     assert call(functions, "dlq", not_json, Context()).status_code == 400
 
 
+def test_dlq_reads_include_resolved_and_limit_strictly(
+    functions: dict[str, Any], dlq_broker: Any
+) -> None:
+    harness = dlq_broker
+    edge.install(harness.broker)
+
+    def post(body: Any) -> tuple[int, Any]:
+        answer = call(functions, "dlq", http_request("POST", "/dlq", body=body), Context())
+        return answer.status_code, json.loads(answer.get_body())
+
+    for flag, listed in (
+        ("false", ["dl-open"]),
+        (False, ["dl-open"]),
+        ("true", ["dl-open", "dl-resolved"]),
+        (True, ["dl-open", "dl-resolved"]),
+    ):
+        status, body = post({"action": "list", "includeResolved": flag})
+        assert status == 200
+        assert sorted(c["id"] for c in body["callbacks"]) == listed, flag
+    for bad in (
+        {"includeResolved": "no"},
+        {"includeResolved": 1},
+        {"includeResolved": None},
+        {"action": "redrive", "limit": "ten"},
+        {"action": "redrive", "limit": -1},
+        {"action": "redrive", "limit": True},
+        {"action": "redrive", "ids": "dl-open"},
+    ):
+        status, body = post(bad)
+        assert status == 400, bad
+        assert body["error"] == "validation_failed" and body["message"], bad
+    # Refused before anything was done.
+    assert harness.store.get_dead_letter("dl-open").resolved_at is None
+
+
 def test_the_jobs_function_refuses_a_broker_on_another_queue(
     functions: dict[str, Any], make_broker: Callable[..., Any]
 ) -> None:

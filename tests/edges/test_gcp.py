@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.conftest import bearer_token
 
 from kidp.edges.gcp import (
     PUBSUB_EVENT_TYPE,
@@ -192,3 +193,33 @@ def test_a_record_outside_a_request_has_no_trace_or_correlation() -> None:
     assert entry["severity"] == "ERROR"
     assert "correlationId" not in entry
     assert "logging.googleapis.com/trace" not in entry
+
+
+# ------------------------------------------------------------------ dlq
+
+
+def test_the_dlq_function_refuses_bad_fields_with_the_documented_400(
+    dlq_broker: Any,
+) -> None:
+    from kidp.edges import gcp as edge
+
+    harness = dlq_broker
+    edge.install(harness.broker)
+    headers = {"Authorization": f"Bearer {bearer_token('s' * 40)}"}
+    try:
+        answer, status = edge.dlq_response(
+            "POST", {"action": "list", "includeResolved": "false"}, headers, {}
+        )
+        assert status == 200
+        assert [c["id"] for c in answer["callbacks"]] == ["dl-open"]
+        for bad in (
+            {"action": "list", "includeResolved": "maybe"},
+            {"action": "redrive", "limit": "ten"},
+            {"action": "redrive", "limit": 2.5},
+        ):
+            answer, status = edge.dlq_response("POST", bad, headers, {})
+            assert status == 400, bad
+            assert answer["error"] == "validation_failed" and answer["message"], bad
+        assert harness.store.get_dead_letter("dl-open").resolved_at is None
+    finally:
+        edge.reset()

@@ -31,6 +31,7 @@ and dead letters are imported on first use.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -380,18 +381,18 @@ def dead_letters(
     """A dead-letter request (``{"action": "list" | "redrive", "ids"?: [...],
     "limit"?: n, "includeResolved"?: bool}``) answered as on every platform
     (:mod:`kidp.deadletters`). A redrive is logged with ``extra`` (who asked)
-    and its counts."""
+    and its counts. A field of the wrong kind is ``ValidationFailed`` (400),
+    before anything is done: ``includeResolved`` is true or false (the
+    strings ``"true"`` and ``"false"`` too), ``limit`` a whole number from 0,
+    ``ids`` a list of strings."""
     from kidp import deadletters
 
     if dlq_action(request) == "list":
-        include_resolved = bool(request.get("includeResolved", False))
+        include_resolved = _flag(request, "includeResolved", default=False)
         return deadletters.list_dead(b.service, include_resolved=include_resolved)
-    ids = request.get("ids")
-    result = deadletters.redrive(
-        b.service,
-        ids=None if ids is None else [str(i) for i in ids],
-        limit=int(request.get("limit", deadletters.REDRIVE_CALLBACKS_PER_CALL)),
-    )
+    ids = _ids(request)
+    limit = _count(request, "limit", default=deadletters.REDRIVE_CALLBACKS_PER_CALL)
+    result = deadletters.redrive(b.service, ids=ids, limit=limit)
     log.info(
         "dead letters redriven",
         extra={
@@ -402,3 +403,47 @@ def dead_letters(
         },
     )
     return result
+
+
+def _flag(request: Mapping[str, Any], name: str, *, default: bool) -> bool:
+    """A true/false field: a JSON boolean, or the string ``"true"`` or ``"false"``
+    (any case); anything else, ``null`` included, is refused, never guessed."""
+    if name not in request:
+        return default
+    value = request[name]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValidationFailed(f"{name} must be true or false, not {_shown(value)}")
+
+
+def _count(request: Mapping[str, Any], name: str, *, default: int) -> int:
+    """A whole number from 0: a JSON integer or a string of digits."""
+    if name not in request:
+        return default
+    value = request[name]
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    raise ValidationFailed(f"{name} must be a whole number from 0, not {_shown(value)}")
+
+
+def _ids(request: Mapping[str, Any]) -> list[str] | None:
+    """``ids``: absent (every one) or a list of strings."""
+    ids = request.get("ids")
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ValidationFailed(f"ids must be a list of strings, not {_shown(ids)}")
+    return ids
+
+
+def _shown(value: object) -> str:
+    """A refused value for the error message, as JSON and cut short."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
