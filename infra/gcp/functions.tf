@@ -7,6 +7,7 @@ resource "google_cloudfunctions2_function" "function" {
   name        = "${var.name}-${each.key}"
   location    = var.region
   description = each.value.description
+  labels      = local.infra_labels
 
   build_config {
     runtime     = "python312"

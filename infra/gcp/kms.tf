@@ -10,6 +10,7 @@ resource "google_kms_crypto_key" "broker" {
   name            = "${var.name}-broker"
   key_ring        = google_kms_key_ring.broker.id
   rotation_period = "7776000s"
+  labels          = local.infra_labels
 
   lifecycle {
     prevent_destroy = true

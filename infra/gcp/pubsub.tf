@@ -5,6 +5,7 @@
 resource "google_pubsub_topic" "jobs" {
   name                       = "${var.name}-jobs"
   kms_key_name               = google_kms_crypto_key.broker.id
+  labels                     = local.infra_labels
   message_retention_duration = "86400s"
   depends_on                 = [google_project_service.apis, google_kms_crypto_key_iam_member.agents]
 }
@@ -12,13 +13,15 @@ resource "google_pubsub_topic" "jobs" {
 resource "google_pubsub_topic" "dead" {
   name                       = "${var.name}-jobs-dead"
   kms_key_name               = google_kms_crypto_key.broker.id
+  labels                     = local.infra_labels
   message_retention_duration = "604800s"
   depends_on                 = [google_project_service.apis, google_kms_crypto_key_iam_member.agents]
 }
 
 resource "google_pubsub_subscription" "jobs" {
-  name  = "${var.name}-jobs-push"
-  topic = google_pubsub_topic.jobs.id
+  name   = "${var.name}-jobs-push"
+  topic  = google_pubsub_topic.jobs.id
+  labels = local.infra_labels
 
   # As long as the function may take: no second delivery while one runs.
   ack_deadline_seconds       = local.functions.jobs.timeout
@@ -58,6 +61,7 @@ resource "google_pubsub_subscription" "jobs" {
 resource "google_pubsub_subscription" "dead" {
   name                       = "${var.name}-jobs-dead"
   topic                      = google_pubsub_topic.dead.id
+  labels                     = local.infra_labels
   ack_deadline_seconds       = 60
   message_retention_duration = "2678400s"
   retain_acked_messages      = false

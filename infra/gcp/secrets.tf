@@ -5,6 +5,7 @@
 resource "google_secret_manager_secret" "key" {
   for_each  = { jwt = "jwt-secret", callback = "callback-secret" }
   secret_id = "${var.name}-${each.value}"
+  labels    = local.infra_labels
 
   replication {
     auto {}

@@ -5,6 +5,7 @@ resource "google_storage_bucket" "source" {
   location                    = var.region
   uniform_bucket_level_access = true
   public_access_prevention    = "enforced"
+  labels                      = local.infra_labels
   force_destroy               = true
 
   versioning {
@@ -38,6 +39,7 @@ resource "google_storage_bucket" "access_logs" {
   location                    = var.region
   uniform_bucket_level_access = true
   public_access_prevention    = "enforced"
+  labels                      = local.infra_labels
 
   versioning {
     enabled = true

@@ -14,6 +14,7 @@ resource "google_sql_database_instance" "store" {
     tier              = var.database_tier
     availability_type = "REGIONAL"
     disk_autoresize   = true
+    user_labels       = local.infra_labels
 
     ip_configuration {
       #checkov:skip=CKV_GCP_60:The connector reaches the public IP over mTLS with an ephemeral certificate and IAM login; no authorized networks exist, so nothing else can connect. A private IP would need a VPC connector for every function.

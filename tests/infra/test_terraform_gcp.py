@@ -12,7 +12,10 @@ downloaded here; ``scripts/check-gcp.sh`` runs ``terraform fmt`` and checkov.
 from __future__ import annotations
 
 import ast
+import json
 import re
+import shutil
+import subprocess
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ import hcl2
 import httpx
 import pytest
 
+from kidp import tags as tagging
 from kidp.gcp_emulator import start_gcp_emulator
 from kidp.scans import SCANS
 from kidp.settings import Settings
@@ -351,3 +355,68 @@ def test_the_store_is_an_enterprise_instance_the_stand_in_accepts_with_its_tier(
         assert refused.status_code == 400  # what Cloud SQL answers without it
     finally:
         emulator.stop()
+
+
+# ----------------------------------------------------------------- labels
+
+
+def test_the_brokers_own_resources_carry_the_infra_label() -> None:
+    """What the orphan scan lists (instances, topics, buckets) and the rest
+    that takes labels: labelled as the broker's infrastructure."""
+    labelled = {
+        ("google_pubsub_topic", "jobs"),
+        ("google_pubsub_topic", "dead"),
+        ("google_pubsub_subscription", "jobs"),
+        ("google_pubsub_subscription", "dead"),
+        ("google_storage_bucket", "source"),
+        ("google_storage_bucket", "access_logs"),
+        ("google_cloudfunctions2_function", "function"),
+        ("google_secret_manager_secret", "key"),
+        ("google_kms_crypto_key", "broker"),
+    }
+    for kind, name in labelled:
+        assert resource(kind, name)["labels"] == "${local.infra_labels}", (kind, name)
+    (settings,) = resource("google_sql_database_instance", "store")["settings"]
+    assert settings["user_labels"] == "${local.infra_labels}"
+
+
+@pytest.mark.skipif(shutil.which("terraform") is None, reason="needs the terraform CLI")
+@pytest.mark.parametrize(
+    ("prefix", "managed_by"),
+    [
+        (tagging.DEFAULT_PREFIX, tagging.MANAGED_BY_VALUE),
+        ("Example.ORG/", "Platform Broker"),
+        ("9team/", "kidp"),
+        ("x" * 70 + "/", "y" * 70),
+    ],
+)
+def test_the_infra_label_is_the_brokers_managed_by_key_with_a_value_of_its_own(
+    tmp_path: Path, prefix: str, managed_by: str
+) -> None:
+    """labels.tf evaluated by Terraform itself (no provider needed) gives the
+    key kidp.tags gives managed-by under the same prefix, and a value that is
+    neither the broker's managed-by value nor its retained one."""
+    shutil.copy(INFRA / "labels.tf", tmp_path)
+    shutil.copy(INFRA / "variables.tf", tmp_path)
+    variables = ["-var", f"tag_prefix={prefix}", "-var", f"managed_by={managed_by}"]
+    answer = subprocess.run(
+        [str(shutil.which("terraform")), "console", *variables],
+        input="jsonencode(local.infra_labels)\n",
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"TF_CLI_CONFIG_FILE": "/dev/null", "HOME": str(tmp_path)},
+        check=True,
+    )
+    labels = json.loads(json.loads(answer.stdout.strip()))
+    key = tagging.encode_key(tagging.MANAGED_BY, dialect="gcp", prefix=prefix)
+    assert list(labels) == [key]
+    value = labels[key]
+    assert value.endswith("-broker-infra") and len(value) <= 63
+    if len(managed_by) <= 50:
+        assert value == tagging.encode_value(f"{managed_by}-broker-infra", dialect="gcp")
+    assert value not in {
+        tagging.encode_value(managed_by, dialect="gcp"),
+        tagging.encode_value(f"{managed_by}-retained", dialect="gcp"),
+    }
