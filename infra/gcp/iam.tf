@@ -211,6 +211,41 @@ resource "google_project_iam_member" "provider" {
   member  = google_service_account.function[each.value.function].member
 }
 
+# Drift and orphan scans read buckets' metadata and list them:
+# roles/storage.objectViewer has neither storage.buckets.get nor .list (a 403
+# on a bucket of ours would read as somebody else's bucket), and the api and
+# scan need no object.
+resource "google_project_iam_custom_role" "bucket_reader" {
+  project     = var.project_id
+  role_id     = "${replace(var.name, "-", "_")}_bucket_reader"
+  title       = "KIDP broker: bucket reader"
+  description = "Reads and lists buckets' metadata, no objects (drift and orphan scans)."
+  permissions = ["storage.buckets.get", "storage.buckets.list"]
+}
+
+resource "google_project_iam_member" "bucket_reader" {
+  for_each = toset(["api", "scan"])
+  project  = var.project_id
+  role     = google_project_iam_custom_role.bucket_reader.name
+  member   = google_service_account.function[each.key].member
+}
+
+# The rotation scan sets a new password on a Cloud SQL instance's built-in
+# user (users.update): roles/cloudsql.editor cannot change users.
+resource "google_project_iam_custom_role" "sql_rotation" {
+  project     = var.project_id
+  role_id     = "${replace(var.name, "-", "_")}_sql_rotation"
+  title       = "KIDP broker: Cloud SQL password rotation"
+  description = "Reads an instance and sets its users' passwords (the rotation scan)."
+  permissions = ["cloudsql.instances.get", "cloudsql.users.list", "cloudsql.users.update"]
+}
+
+resource "google_project_iam_member" "sql_rotation" {
+  project = var.project_id
+  role    = google_project_iam_custom_role.sql_rotation.name
+  member  = google_service_account.function["scan"].member
+}
+
 # ---------------------------------------------------------------- invokers
 
 resource "google_cloud_run_v2_service_iam_member" "api" {

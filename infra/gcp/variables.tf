@@ -86,14 +86,13 @@ variable "deletion_protection" {
 }
 
 variable "provider_roles" {
-  description = "Project roles each function needs for the cloud resources the broker provisions (the GCP provider): the api and scan read, the jobs function creates and deletes, the scan function rotates credentials."
+  description = "Predefined project roles each function needs for the cloud resources the broker provisions (the GCP provider): the api and scan read, the jobs function creates and deletes. Bucket reading and the scan's password rotation are custom roles of iam.tf."
   type        = map(list(string))
   default = {
     api = [
       "roles/cloudsql.viewer",
       "roles/redis.viewer",
       "roles/pubsub.viewer",
-      "roles/storage.objectViewer",
       "roles/run.viewer",
     ]
     jobs = [
@@ -104,10 +103,9 @@ variable "provider_roles" {
       "roles/run.developer",
     ]
     scan = [
-      "roles/cloudsql.editor",
+      "roles/cloudsql.viewer",
       "roles/redis.viewer",
       "roles/pubsub.viewer",
-      "roles/storage.objectViewer",
       "roles/run.viewer",
     ]
     dlq = []

@@ -357,6 +357,43 @@ def test_the_store_is_an_enterprise_instance_the_stand_in_accepts_with_its_tier(
         emulator.stop()
 
 
+# ------------------------------------------------- the provider's roles
+
+
+def provider_roles() -> dict[str, list[str]]:
+    roles: dict[str, list[str]] = terraform()["variable"]["provider_roles"]["default"]
+    return roles
+
+
+def test_api_and_scan_read_buckets_with_buckets_get_and_list() -> None:
+    """Drift reads a bucket (buckets.get: a 403 would read as somebody else's
+    bucket and report it missing) and the orphan scan lists them
+    (buckets.list); roles/storage.objectViewer has neither."""
+    assert all("roles/storage.objectViewer" not in roles for roles in provider_roles().values())
+    reader = resource("google_project_iam_custom_role", "bucket_reader")
+    assert set(reader["permissions"]) == {"storage.buckets.get", "storage.buckets.list"}
+    grant = resource("google_project_iam_member", "bucket_reader")
+    assert grant["role"] == "${google_project_iam_custom_role.bucket_reader.name}"
+    assert grant["for_each"] == '${toset(["api", "scan"])}'
+    assert grant["member"] == "${google_service_account.function[each.key].member}"
+
+
+def test_the_scan_may_set_passwords_on_the_instances_the_broker_provisions() -> None:
+    """roles/cloudsql.editor cannot change users: rotation needs users.update."""
+    assert "roles/cloudsql.editor" not in provider_roles()["scan"]
+    rotation = resource("google_project_iam_custom_role", "sql_rotation")
+    assert set(rotation["permissions"]) == {
+        "cloudsql.instances.get",
+        "cloudsql.users.list",
+        "cloudsql.users.update",
+    }
+    grant = resource("google_project_iam_member", "sql_rotation")
+    assert grant["role"] == "${google_project_iam_custom_role.sql_rotation.name}"
+    assert grant["member"] == '${google_service_account.function["scan"].member}'
+    for role in ("roles/cloudsql.admin", "roles/cloudsql.editor"):
+        assert all(role not in roles for name, roles in provider_roles().items() if name != "jobs")
+
+
 # ----------------------------------------------------------------- labels
 
 
