@@ -198,6 +198,50 @@ resource "google_project_iam_member" "credentials_rotation" {
 
 # ---------------------------------------------------------------- provider
 
+# Cloud SQL and Cloud Storage take IAM conditions on a resource's name: a
+# grant of their admin roles reaches the kidp-* instances and buckets the
+# broker provisions (kidp.providers.gcp names them so), never the broker's own
+# store and buckets, even where a name of theirs starts with kidp- too.
+# Everything that is not an instance or a bucket (the project, where creating
+# and listing are checked) stays allowed.
+#
+# Pub/Sub, Memorystore and Cloud Run do not evaluate resource names in
+# conditions (only the services of Google's "resource attributes for IAM
+# Conditions" list do), so roles/pubsub.editor and roles/run.developer reach
+# the broker's own topics and the functions' Cloud Run services; see the README.
+locals {
+  sql_instances = "projects/${var.project_id}/instances/"
+
+  provider_conditions = {
+    "roles/cloudsql.admin" = {
+      title       = "kidp-instances-only"
+      description = "Cloud SQL instances named kidp-*, not the broker's store"
+      expression  = local.sql_condition
+    }
+    "roles/storage.admin" = {
+      title       = "kidp-buckets-only"
+      description = "Buckets named kidp-*, not the broker's own"
+      expression  = local.storage_condition
+    }
+  }
+
+  sql_condition = <<-EOT
+    !resource.name.startsWith("${local.sql_instances}") ||
+    (resource.name.startsWith("${local.sql_instances}kidp-") &&
+    resource.name != "${local.sql_instances}${local.store_name}" &&
+    !resource.name.startsWith("${local.sql_instances}${local.store_name}/"))
+  EOT
+
+  storage_condition = <<-EOT
+    !resource.name.startsWith("projects/_/buckets/") ||
+    (resource.name.startsWith("projects/_/buckets/kidp-") &&
+    resource.name != "projects/_/buckets/${local.source_bucket}" &&
+    !resource.name.startsWith("projects/_/buckets/${local.source_bucket}/") &&
+    resource.name != "projects/_/buckets/${local.logs_bucket}" &&
+    !resource.name.startsWith("projects/_/buckets/${local.logs_bucket}/"))
+  EOT
+}
+
 resource "google_project_iam_member" "provider" {
   for_each = {
     for pair in flatten([
@@ -209,6 +253,15 @@ resource "google_project_iam_member" "provider" {
   project = var.project_id
   role    = each.value.role
   member  = google_service_account.function[each.value.function].member
+
+  dynamic "condition" {
+    for_each = contains(keys(local.provider_conditions), each.value.role) ? [local.provider_conditions[each.value.role]] : []
+    content {
+      title       = condition.value.title
+      description = condition.value.description
+      expression  = condition.value.expression
+    }
+  }
 }
 
 # Drift and orphan scans read buckets' metadata and list them:
@@ -231,7 +284,8 @@ resource "google_project_iam_member" "bucket_reader" {
 }
 
 # The rotation scan sets a new password on a Cloud SQL instance's built-in
-# user (users.update): roles/cloudsql.editor cannot change users.
+# user (users.update): roles/cloudsql.editor cannot change users. Held to the
+# instances the broker provisions.
 resource "google_project_iam_custom_role" "sql_rotation" {
   project     = var.project_id
   role_id     = "${replace(var.name, "-", "_")}_sql_rotation"
@@ -244,6 +298,12 @@ resource "google_project_iam_member" "sql_rotation" {
   project = var.project_id
   role    = google_project_iam_custom_role.sql_rotation.name
   member  = google_service_account.function["scan"].member
+
+  condition {
+    title       = "kidp-instances-only"
+    description = "Cloud SQL instances named kidp-*, not the broker's store"
+    expression  = local.sql_condition
+  }
 }
 
 # ---------------------------------------------------------------- invokers

@@ -96,6 +96,12 @@ locals {
     )
   }
 
+  # The broker's own resources whose names a provisioned one could share the
+  # kidp- prefix with: IAM conditions (iam.tf) keep the admin roles off them.
+  store_name    = "${var.name}-store"
+  source_bucket = "${var.project_id}-${var.name}-function-source"
+  logs_bucket   = "${var.project_id}-${var.name}-access-logs"
+
   # Google's own agents that act for this project's resources.
   pubsub_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
   tasks_agent  = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-cloudtasks.iam.gserviceaccount.com"

@@ -1,7 +1,7 @@
 # The functions' source, built by scripts/build-gcp.sh; a new archive is a new
 # object, so every change redeploys the functions.
 resource "google_storage_bucket" "source" {
-  name                        = "${var.project_id}-${var.name}-function-source"
+  name                        = local.source_bucket
   location                    = var.region
   uniform_bucket_level_access = true
   public_access_prevention    = "enforced"
@@ -35,7 +35,7 @@ resource "google_storage_bucket_object" "source" {
 # Where the source bucket's access logs go.
 resource "google_storage_bucket" "access_logs" {
   #checkov:skip=CKV_GCP_62:This is the access-log bucket; logging its own access would log the logging.
-  name                        = "${var.project_id}-${var.name}-access-logs"
+  name                        = local.logs_bucket
   location                    = var.region
   uniform_bucket_level_access = true
   public_access_prevention    = "enforced"

@@ -2,7 +2,7 @@
 # connector (mTLS, no authorized networks) with IAM database authentication:
 # each function logs in as its own service account, and no password exists.
 resource "google_sql_database_instance" "store" {
-  name                = "${var.name}-store"
+  name                = local.store_name
   region              = var.region
   database_version    = "POSTGRES_18"
   deletion_protection = var.deletion_protection

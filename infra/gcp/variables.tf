@@ -86,7 +86,7 @@ variable "deletion_protection" {
 }
 
 variable "provider_roles" {
-  description = "Predefined project roles each function needs for the cloud resources the broker provisions (the GCP provider): the api and scan read, the jobs function creates and deletes. Bucket reading and the scan's password rotation are custom roles of iam.tf."
+  description = "Predefined project roles each function needs for the cloud resources the broker provisions (the GCP provider): the api and scan read, the jobs function creates and deletes. Bucket reading and the scan's password rotation are custom roles of iam.tf; grants of roles/cloudsql.admin and roles/storage.admin are held to kidp-* resources other than the broker's own (iam.tf)."
   type        = map(list(string))
   default = {
     api = [

@@ -16,8 +16,10 @@ import json
 import re
 import shutil
 import subprocess
+import textwrap
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import hcl2
@@ -26,6 +28,7 @@ import pytest
 
 from kidp import tags as tagging
 from kidp.gcp_emulator import start_gcp_emulator
+from kidp.providers.gcp.base import NAME_PREFIX
 from kidp.scans import SCANS
 from kidp.settings import Settings
 from kidp.stores.cloudsql import parse_cloudsql_url
@@ -390,8 +393,77 @@ def test_the_scan_may_set_passwords_on_the_instances_the_broker_provisions() -> 
     grant = resource("google_project_iam_member", "sql_rotation")
     assert grant["role"] == "${google_project_iam_custom_role.sql_rotation.name}"
     assert grant["member"] == '${google_service_account.function["scan"].member}'
+    (condition,) = grant["condition"]
+    assert condition["expression"] == "${local.sql_condition}"
     for role in ("roles/cloudsql.admin", "roles/cloudsql.editor"):
         assert all(role not in roles for name, roles in provider_roles().items() if name != "jobs")
+
+
+def _rendered(text: str, variables: dict[str, str]) -> str:
+    """``text`` with ``${var.*}`` and ``${local.*}`` filled in (heredocs unwrapped)."""
+    if text.startswith("<<-EOT"):
+        text = textwrap.dedent(text.split("\n", 1)[1].rsplit("\n", 1)[0])
+    for _ in range(10):
+        text = re.sub(r"\$\{var\.(\w+)\}", lambda m: variables[m.group(1)], text)
+        text = re.sub(r"\$\{local\.(\w+)\}", lambda m: terraform()["locals"][m.group(1)], text)
+    assert "${" not in text, text
+    return text
+
+
+def allows(condition: str, name: str, variables: dict[str, str]) -> bool:
+    """Whether IAM would let ``condition`` (a ``local`` holding CEL with
+    ``startsWith``, ``==``/``!=``, ``!``, ``&&``, ``||``) through for a
+    resource named ``name``: the CEL written as the Python it means."""
+    cel = _rendered(terraform()["locals"][condition], variables)
+    python = (
+        cel.replace("!=", "\0")
+        .replace("!", " not ")
+        .replace("\0", "!=")
+        .replace("&&", " and ")
+        .replace("||", " or ")
+        .replace(".startsWith(", ".startswith(")
+    )
+    subject = SimpleNamespace(name=name)
+    allowed = eval(f"({python})", {"__builtins__": {}}, {"resource": subject})
+    assert isinstance(allowed, bool)
+    return allowed
+
+
+def test_the_admin_roles_reach_kidp_instances_and_buckets_not_the_brokers_own() -> None:
+    conditions = terraform()["locals"]["provider_conditions"]
+    assert {role: c["expression"] for role, c in conditions.items()} == {
+        "roles/cloudsql.admin": "${local.sql_condition}",
+        "roles/storage.admin": "${local.storage_condition}",
+    }
+    assert set(conditions) <= set(provider_roles()["jobs"])
+    (dynamic,) = resource("google_project_iam_member", "provider")["dynamic"]
+    assert "local.provider_conditions[each.value.role]" in dynamic["condition"]["for_each"]
+    (content,) = dynamic["condition"]["content"]
+    assert content["expression"] == "${condition.value.expression}"
+
+    # A project whose id starts with kidp- too: its source bucket is kidp-*.
+    names = {"project_id": "kidp-prod", "name": "kidp"}
+    ours = f"{NAME_PREFIX}team-a-orders-1a2b3c4d"
+    instances = "projects/kidp-prod/instances/"
+    assert allows("sql_condition", instances + ours, names)
+    assert allows("sql_condition", f"{instances}{NAME_PREFIX}store-orders-1a2b3c4d", names)
+    assert allows("sql_condition", "projects/kidp-prod", names)  # create, list
+    assert not allows("sql_condition", instances + "kidp-store", names)
+    assert not allows("sql_condition", instances + "kidp-store/users/postgres", names)
+    assert not allows("sql_condition", instances + "billing-db", names)
+
+    buckets = "projects/_/buckets/"
+    assert allows("storage_condition", buckets + ours, names)
+    assert allows("storage_condition", f"{buckets}{ours}/objects/a.txt", names)
+    assert allows("storage_condition", "projects/kidp-prod", names)
+    for own in ("kidp-prod-kidp-function-source", "kidp-prod-kidp-access-logs"):
+        assert not allows("storage_condition", buckets + own, names)
+        assert not allows("storage_condition", f"{buckets}{own}/objects/kidp-broker.zip", names)
+    assert not allows("storage_condition", buckets + "someone-elses", names)
+    assert terraform()["locals"]["source_bucket"] == "${var.project_id}-${var.name}-function-source"
+    assert resource("google_storage_bucket", "source")["name"] == "${local.source_bucket}"
+    assert resource("google_storage_bucket", "access_logs")["name"] == "${local.logs_bucket}"
+    assert resource("google_sql_database_instance", "store")["name"] == "${local.store_name}"
 
 
 # ----------------------------------------------------------------- labels
