@@ -33,6 +33,9 @@ resource "google_cloudfunctions2_function" "function" {
 
     environment_variables = merge(local.environment, {
       KIDP_STORE_URL = local.store_urls[each.key]
+      # functions-framework's request threads (else 4 per CPU it sees): as
+      # many as the requests Cloud Run sends an instance at once.
+      THREADS = tostring(each.value.concurrency)
     })
 
     secret_environment_variables {

@@ -35,12 +35,14 @@ locals {
     }
     jobs = {
       description = "Provision, poll, delete and callback jobs, pushed by the jobs subscription."
-      memory      = "1Gi"
-      cpu         = "1"
-      # One job at a time: a job may wait on the cloud for most of the timeout.
-      concurrency   = 1
+      # A job mostly waits on Google's APIs: 8 at a time per instance, on 2
+      # vCPUs. Beyond 8 x max_instances jobs in flight Cloud Run answers a
+      # push 429, which Pub/Sub counts as a delivery (see job_max_deliveries).
+      memory        = "2Gi"
+      cpu           = "2"
+      concurrency   = 8
       timeout       = 540
-      max_instances = 20
+      max_instances = 30
       # Pub/Sub push, Cloud Scheduler and Cloud Tasks of this project count as internal.
       ingress = "ALLOW_INTERNAL_ONLY"
     }

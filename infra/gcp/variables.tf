@@ -27,9 +27,9 @@ variable "source_archive" {
 }
 
 variable "job_max_deliveries" {
-  description = "Deliveries of one job before it is given up: the jobs subscription's dead-letter policy and KIDP_JOB_MAX_DELIVERIES (Pub/Sub accepts 5 to 100)."
+  description = "Deliveries of one job before it is given up: the jobs subscription's dead-letter policy and KIDP_JOB_MAX_DELIVERIES (Pub/Sub accepts 5 to 100). A push Cloud Run throttles (429: every jobs instance busy) counts as a delivery, so this is high enough to outlast a burst: with the subscription's backoff (10 s doubling to 300 s) 19 throttles in a row take about an hour."
   type        = number
-  default     = 10
+  default     = 20
 
   validation {
     condition     = var.job_max_deliveries >= 5 && var.job_max_deliveries <= 100

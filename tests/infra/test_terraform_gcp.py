@@ -153,6 +153,22 @@ def test_the_store_url_is_the_cloud_sql_form_with_each_functions_own_user() -> N
     assert resource("google_sql_database", "store")["name"] == "kidp"
 
 
+def test_the_jobs_function_runs_jobs_side_by_side_and_outlasts_throttled_pushes() -> None:
+    """A push Cloud Run answers 429 (every instance busy) is a delivery to
+    Pub/Sub: the jobs function takes 8 jobs an instance, on more instances,
+    and a job is given up only after 20 deliveries."""
+    jobs = terraform()["locals"]["functions"]["jobs"]
+    assert int(jobs["concurrency"]) >= 8
+    assert int(jobs["max_instances"]) >= 30
+    assert float(jobs["cpu"]) >= 2
+    assert jobs["memory"].endswith("Gi") and int(jobs["memory"][:-2]) >= 2
+    (service,) = resource("google_cloudfunctions2_function", "function")["service_config"]
+    assert "THREADS = tostring(each.value.concurrency)" in service["environment_variables"]
+    assert service["max_instance_request_concurrency"] == "${each.value.concurrency}"
+    assert service["max_instance_count"] == "${each.value.max_instances}"
+    assert 20 <= int(terraform()["variable"]["job_max_deliveries"]["default"]) <= 100
+
+
 def test_the_delivery_limit_is_one_variable_for_pubsub_and_the_broker() -> None:
     environment = terraform()["locals"]["environment"]
     assert environment["KIDP_JOB_MAX_DELIVERIES"] == "${tostring(var.job_max_deliveries)}"
