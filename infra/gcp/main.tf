@@ -23,48 +23,61 @@ resource "google_project_service" "apis" {
 
 locals {
   # The four functions, by the name of their entry point in gcp/main.py.
+  # store_connections is each instance's cap on connections to the store
+  # (max_connections in its KIDP_STORE_URL): requests beyond it wait for a
+  # pooled one. Every instance of every function at its cap must fit the
+  # store's max_connections (sql.tf checks it).
   functions = {
     api = {
-      description   = "The broker's HTTP API (every route), behind its own bearer tokens."
-      memory        = "1Gi"
-      cpu           = "1"
-      concurrency   = 8
-      timeout       = 60
-      max_instances = 20
-      ingress       = "ALLOW_ALL"
+      description       = "The broker's HTTP API (every route), behind its own bearer tokens."
+      memory            = "1Gi"
+      cpu               = "1"
+      concurrency       = 8
+      timeout           = 60
+      max_instances     = 20
+      store_connections = 3
+      ingress           = "ALLOW_ALL"
     }
     jobs = {
       description = "Provision, poll, delete and callback jobs, pushed by the jobs subscription."
       # A job mostly waits on Google's APIs: 8 at a time per instance, on 2
       # vCPUs. Beyond 8 x max_instances jobs in flight Cloud Run answers a
       # push 429, which Pub/Sub counts as a delivery (see job_max_deliveries).
-      memory        = "2Gi"
-      cpu           = "2"
-      concurrency   = 8
-      timeout       = 540
-      max_instances = 30
+      memory            = "2Gi"
+      cpu               = "2"
+      concurrency       = 8
+      timeout           = 540
+      max_instances     = 30
+      store_connections = 3
       # Pub/Sub push, Cloud Scheduler and Cloud Tasks of this project count as internal.
       ingress = "ALLOW_INTERNAL_ONLY"
     }
     scan = {
-      description   = "Drift, orphan, cost, rotation and reconcile scans, called by Cloud Scheduler."
-      memory        = "1Gi"
-      cpu           = "1"
-      concurrency   = 1
-      timeout       = 540
-      max_instances = 5
-      ingress       = "ALLOW_INTERNAL_ONLY"
+      description       = "Drift, orphan, cost, rotation and reconcile scans, called by Cloud Scheduler."
+      memory            = "1Gi"
+      cpu               = "1"
+      concurrency       = 1
+      timeout           = 540
+      max_instances     = 5
+      store_connections = 2
+      ingress           = "ALLOW_INTERNAL_ONLY"
     }
     dlq = {
-      description   = "Lists and redrives dead-lettered jobs and callbacks, for operators."
-      memory        = "512Mi"
-      cpu           = "1"
-      concurrency   = 1
-      timeout       = 300
-      max_instances = 2
-      ingress       = "ALLOW_ALL"
+      description       = "Lists and redrives dead-lettered jobs and callbacks, for operators."
+      memory            = "512Mi"
+      cpu               = "1"
+      concurrency       = 1
+      timeout           = 300
+      max_instances     = 2
+      store_connections = 2
+      ingress           = "ALLOW_ALL"
     }
   }
+
+  # Connections to the store at full scale-out, and what is kept free for
+  # Cloud SQL's own sessions and an operator's psql.
+  store_connections          = sum([for f in values(local.functions) : f.max_instances * f.store_connections])
+  store_reserved_connections = 20
 
   # The KIDP_* settings every function reads (kidp.settings.Settings); the
   # store URL names each function's own database user, and the two keys come
@@ -88,13 +101,14 @@ locals {
     KIDP_LOG_LEVEL                    = var.log_level
   }
 
-  # postgresql+cloudsql://<iam-user>@/<database>?instance=<connection name>
+  # postgresql+cloudsql://<iam-user>@/<database>?instance=<connection name>&max_connections=<cap>
   store_urls = {
-    for name in keys(local.functions) : name => format(
-      "postgresql+cloudsql://%s@/%s?instance=%s",
+    for name, function in local.functions : name => format(
+      "postgresql+cloudsql://%s@/%s?instance=%s&max_connections=%d",
       urlencode(google_service_account.function[name].email),
       google_sql_database.store.name,
       google_sql_database_instance.store.connection_name,
+      function.store_connections,
     )
   }
 

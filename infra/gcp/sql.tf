@@ -36,6 +36,12 @@ resource "google_sql_database_instance" "store" {
       name  = "cloudsql.iam_authentication"
       value = "on"
     }
+    # Named, not left to the tier's default, so that the functions' pools are
+    # counted against a known number (the precondition below).
+    database_flags {
+      name  = "max_connections"
+      value = tostring(var.database_max_connections)
+    }
     database_flags {
       name  = "log_checkpoints"
       value = "on"
@@ -87,6 +93,13 @@ resource "google_sql_database_instance" "store" {
 
     insights_config {
       query_insights_enabled = true
+    }
+  }
+
+  lifecycle {
+    precondition {
+      condition     = local.store_connections + local.store_reserved_connections <= var.database_max_connections
+      error_message = "The functions may open ${local.store_connections} connections to the store at full scale-out (max_instances x store_connections), plus ${local.store_reserved_connections} kept free: more than database_max_connections (${var.database_max_connections}). Raise it with database_tier, or lower max_instances or store_connections."
     }
   }
 

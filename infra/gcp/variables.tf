@@ -74,9 +74,15 @@ variable "operators" {
 }
 
 variable "database_tier" {
-  description = "The Cloud SQL machine type of the store."
+  description = "The Cloud SQL machine type of the store (an Enterprise edition tier: db-custom-<vCPUs>-<MB>). 2 vCPUs and 7.5 GB, whose default max_connections is 200: the functions' pools at full scale-out need 164."
   type        = string
-  default     = "db-custom-1-3840"
+  default     = "db-custom-2-7680"
+}
+
+variable "database_max_connections" {
+  description = "The store's max_connections flag: at least the functions' connections at full scale-out plus 20 (terraform plan checks it). Cloud SQL's default for the tier's memory is a safe value: 100 for 3.75 GB, 200 for 7.5 GB."
+  type        = number
+  default     = 200
 }
 
 variable "deletion_protection" {

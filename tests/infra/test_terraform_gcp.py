@@ -140,17 +140,52 @@ def test_the_functions_get_every_required_setting() -> None:
 def test_the_store_url_is_the_cloud_sql_form_with_each_functions_own_user() -> None:
     store_urls = terraform()["locals"]["store_urls"]
     assert "urlencode(google_service_account.function[name].email)" in store_urls
+    assert store_urls.endswith(", function.store_connections)}}")
     template = re.search(r'format\(\s*"([^"]+)"', store_urls)
     assert template is not None
     rendered = template.group(1) % (
         "kidp-jobs%40proj.iam.gserviceaccount.com",
         "kidp",
         "proj:europe-west1:kidp-store",
+        3,
     )
     target = parse_cloudsql_url(rendered)
     assert target.user == "kidp-jobs@proj.iam.gserviceaccount.com"
     assert (target.database, target.instance) == ("kidp", "proj:europe-west1:kidp-store")
+    assert target.max_connections == 3
     assert resource("google_sql_database", "store")["name"] == "kidp"
+
+
+def test_every_function_at_full_scale_out_fits_the_stores_connections() -> None:
+    """Each instance opens at most its store_connections (max_connections in
+    its store URL); all instances of all functions at once, plus what is kept
+    free, fit the max_connections the store is given, which the default tier's
+    memory allows (Cloud SQL's own default: 100 for 3.75 GB, 200 for 7.5 GB)."""
+    functions = terraform()["locals"]["functions"]
+    assert terraform()["locals"]["store_connections"] == (
+        "${sum([for f in values(local.functions) : f.max_instances * f.store_connections])}"
+    )
+    # At least 2: a store call that nests a second connection cannot wait on itself.
+    assert all(int(f["store_connections"]) >= 2 for f in functions.values())
+    needed = sum(int(f["max_instances"]) * int(f["store_connections"]) for f in functions.values())
+    reserved = int(terraform()["locals"]["store_reserved_connections"])
+    granted = int(terraform()["variable"]["database_max_connections"]["default"])
+    assert needed + reserved <= granted
+    instance = resource("google_sql_database_instance", "store")
+    (settings,) = instance["settings"]
+    flags = {f["name"]: f["value"] for f in settings["database_flags"]}
+    assert flags["max_connections"] == "${tostring(var.database_max_connections)}"
+    ((precondition,),) = [block["precondition"] for block in instance["lifecycle"]]
+    assert precondition["condition"] == (
+        "${local.store_connections + local.store_reserved_connections"
+        " <= var.database_max_connections}"
+    )
+    tier = terraform()["variable"]["database_tier"]["default"]
+    custom = re.fullmatch(r"db-custom-\d+-(\d+)", tier)
+    assert custom is not None
+    memory_mb = int(custom.group(1))
+    documented = 200 if memory_mb >= 7680 else 100 if memory_mb >= 3840 else 50
+    assert granted <= documented
 
 
 def test_the_jobs_function_runs_jobs_side_by_side_and_outlasts_throttled_pushes() -> None:

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from tests.stores.cloudsql_backend import CloudSqlDatabase, cloudsql_database, cloudsql_emulator
 
 from kidp.cloudsql_emulator import SERVER_PROXY_PORT, CloudSqlEmulator, start_cloudsql_emulator
@@ -47,6 +48,8 @@ def test_the_url_names_the_iam_user_the_database_and_the_instance(url: str) -> N
     )
     private = parse_cloudsql_url(url + "&ip_type=private")
     assert private.ip_type == "PRIVATE"
+    assert private.max_connections is None
+    assert parse_cloudsql_url(url + "&max_connections=3").max_connections == 3
 
 
 @pytest.mark.parametrize(
@@ -58,6 +61,8 @@ def test_the_url_names_the_iam_user_the_database_and_the_instance(url: str) -> N
         (f"postgresql+cloudsql://u@/?instance={INSTANCE}", "the database"),
         ("postgresql+cloudsql://u@/kidp?instance=my-proj:kidp", "?instance="),
         (f"postgresql+cloudsql://u@/kidp?instance={INSTANCE}&ip_type=vpn", "ip_type"),
+        (f"postgresql+cloudsql://u@/kidp?instance={INSTANCE}&max_connections=0", "max_conn"),
+        (f"postgresql+cloudsql://u@/kidp?instance={INSTANCE}&max_connections=a", "max_conn"),
     ],
 )
 def test_a_url_that_lacks_something_says_what(url: str, needs: str) -> None:
@@ -89,6 +94,34 @@ def test_connects_as_the_iam_user_with_an_ephemeral_certificate(
     # IAM login: the certificate request carried an OAuth token, no password was sent.
     assert (cloudsql_database.instance, True) in cloudsql_emulator.admin.ephemeral_certs
     assert cloudsql_emulator.proxy.connections >= 1
+
+
+def test_max_connections_caps_the_pool_with_no_overflow(
+    cloudsql_database: CloudSqlDatabase,
+) -> None:
+    """What infra/gcp counts against the instance's max_connections: a
+    process with the URL's cap never opens more than that."""
+    store = CloudSqlDeploymentStore(
+        cloudsql_database.url + "&max_connections=3",
+        admin_endpoint=cloudsql_database.admin_endpoint,
+    )
+    default = CloudSqlDeploymentStore(
+        cloudsql_database.url, admin_endpoint=cloudsql_database.admin_endpoint
+    )
+    try:
+        pool = store.engine.pool
+        assert isinstance(pool, sa.pool.QueuePool)
+        assert (pool.size(), pool._max_overflow) == (3, 0)
+        held = [store.engine.connect() for _ in range(3)]
+        assert pool.checkedout() == 3 and pool.overflow() == 0
+        for conn in held:
+            conn.close()
+        fallback = default.engine.pool
+        assert isinstance(fallback, sa.pool.QueuePool)
+        assert (fallback.size(), fallback._max_overflow) == (2, 2)
+    finally:
+        store.close()
+        default.close()
 
 
 def test_bootstrap_builds_it_from_the_store_url(

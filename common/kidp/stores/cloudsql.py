@@ -12,7 +12,7 @@ authorized networks.
 
 ``KIDP_STORE_URL``::
 
-    postgresql+cloudsql://<iam-user>@/<database>?instance=<project:region:instance>[&ip_type=public|private|psc]
+    postgresql+cloudsql://<iam-user>@/<database>?instance=<project:region:instance>[&ip_type=public|private|psc][&max_connections=<n>]
 
 ``<iam-user>`` is the service account's email (``kidp-broker@my-proj.iam.gserviceaccount.com``;
 ``@`` may be written ``%40``); the connector turns it into the database user
@@ -22,8 +22,12 @@ mTLS); ``private`` needs the function on the instance's VPC.
 
 Connections are made lazily (refresh strategy ``lazy``): on Cloud Functions
 the CPU is throttled between requests, so a background certificate refresh
-would not run. The pool is small (a function instance serves one request at
-a time).
+would not run. ``max_connections`` caps the connections one process opens
+(its pool, with no overflow): the instance's ``max_connections`` must hold
+every instance of every function at full scale-out, so ``infra/gcp`` sets
+each function's cap and checks the sum against the instance. Requests beyond
+the cap wait for a pooled connection (up to 30 seconds, then the store is
+unavailable: try again). Without it a process keeps 2 and opens up to 4.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ class CloudSqlTarget:
     database: str
     instance: str
     ip_type: str = "PUBLIC"
+    #: At most this many connections per process (``None``: the default pool).
+    max_connections: int | None = None
 
 
 def parse_cloudsql_url(url: str) -> CloudSqlTarget:
@@ -83,13 +89,22 @@ def parse_cloudsql_url(url: str) -> CloudSqlTarget:
     ip_type = _IP_TYPES.get(query.get("ip_type", "public").lower())
     if ip_type is None:
         problems.append("ip_type public, private or psc")
+    cap = query.get("max_connections")
+    if cap is not None and not (cap.isdigit() and int(cap) >= 1):
+        problems.append("max_connections a whole number of at least 1")
     if problems:
         raise ValidationFailed(
             f"KIDP_STORE_URL for Cloud SQL is {SCHEME}://<iam-user>@/<database>?instance="
             f"<project:region:instance>; it needs {', '.join(problems)}"
         )
     assert ip_type is not None
-    return CloudSqlTarget(user=user, database=database, instance=instance, ip_type=ip_type)
+    return CloudSqlTarget(
+        user=user,
+        database=database,
+        instance=instance,
+        ip_type=ip_type,
+        max_connections=int(cap) if cap is not None else None,
+    )
 
 
 class CloudSqlDeploymentStore(SqlDeploymentStore):
@@ -123,12 +138,14 @@ class CloudSqlDeploymentStore(SqlDeploymentStore):
                 refresh_strategy=RefreshStrategy.LAZY,
             )
         self._connector = connector
+        cap = self.target.max_connections
         engine = sa.create_engine(
             "postgresql+pg8000://",
             creator=self._connect,
             pool_pre_ping=True,
-            pool_size=pool_size,
-            max_overflow=2,
+            # The URL's cap is the whole pool: no overflow beyond it.
+            pool_size=cap or pool_size,
+            max_overflow=0 if cap else 2,
             # Below Cloud SQL's idle timeouts, and a fresh IAM login now and then.
             pool_recycle=1800,
         )
