@@ -310,8 +310,8 @@ def dlq(request: func.HttpRequest, context: func.Context) -> func.HttpResponse:
 
 def _dlq_event(request: func.HttpRequest) -> dict[str, Any]:
     if request.method.upper() == "GET":
-        resolved = request.params.get("includeResolved", "").lower() in ("1", "true", "yes")
-        return {"action": "list", "includeResolved": resolved}
+        # Passed as given: the shared dlq parser refuses what is not true or false.
+        return {"action": "list", "includeResolved": request.params.get("includeResolved", "false")}
     raw = request.get_body()
     if not raw:
         return {"action": "list"}

@@ -537,7 +537,8 @@ def dlq_response(
     try:
         request = dict(body) if isinstance(body, Mapping) else {}
         if method == "GET":
-            request = {"action": "list", "includeResolved": query.get("includeResolved") == "true"}
+            # Passed as given: the shared dlq parser refuses what is not true or false.
+            request = {"action": "list", "includeResolved": query.get("includeResolved", "false")}
         elif method != "POST":
             raise InvalidRequest("use GET to list or POST with an action")
         action = dlq_action(request)
