@@ -25,7 +25,6 @@ around their creation).
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +49,7 @@ from kidp.models import (
     ManagedResource,
     ResourceType,
 )
-from kidp.ports import Credentials, PasswordPolicy, QuotaReport
+from kidp.ports import Credentials
 from kidp.providers.aws.aurora import _AuroraCluster
 from kidp.providers.aws.base import (
     _QUOTA_CODES,
@@ -76,6 +75,14 @@ from kidp.providers.aws.msk import _MskTopic
 from kidp.providers.aws.rds import _RdsInstance
 from kidp.providers.aws.s3 import _S3Bucket
 from kidp.providers.ownership import deployment_tags
+from kidp.providers.plumbing import (
+    ClientCache,
+    ProviderPlumbing,
+    find_or_create,
+    foreign_resource,
+    missing_resource,
+    nothing_to_rotate,
+)
 
 if TYPE_CHECKING:
     from boto3.session import Session
@@ -83,7 +90,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class AwsProvider:
+class AwsProvider(ProviderPlumbing):
     """:class:`kidp.ports.CloudProvider` for AWS.
 
     ``clients`` injects clients by service name (tests); otherwise they are
@@ -97,6 +104,9 @@ class AwsProvider:
     ``security_group_ids`` and ``ecs_execution_role_arn`` place resources in
     a VPC other than the account's default. RDS quota usage is read at most
     every ``quota_ttl`` seconds, in the background once it is first known.
+
+    Passwords (``password_policy``): RDS master passwords, and Redis AUTH tokens
+    when in-transit encryption is on (ElastiCache only accepts AUTH over TLS).
     """
 
     name = PROVIDER_NAME
@@ -136,9 +146,8 @@ class AwsProvider:
         self._make_client: Callable[..., Any] = (
             session.client if session is not None else new_client
         )
-        self._clients: dict[str, Any] = dict(clients or {})
+        self._clients = ClientCache(clients)
         self._on_call = on_call
-        self._lock = threading.Lock()
         self._config = Config(
             region_name=region,
             retries={"mode": "standard", "max_attempts": 5},
@@ -182,26 +191,15 @@ class AwsProvider:
     # --- plumbing ------------------------------------------------------------
 
     def _client(self, service: str) -> Any:
-        with self._lock:
-            client = self._clients.get(service)
-            if client is None:
-                client = self._make_client(
-                    service,
-                    region_name=self.region,
-                    endpoint_url=self.endpoint_url,
-                    config=self._config,
-                )
-                self._clients[service] = client
-            return client
+        return self._clients.get(service, self._new_client)
 
-    def _count(self, resource_type: str, operation: str) -> None:
-        if self._on_call is None:
-            return
-        try:
-            self._on_call(resource_type, operation)
-        except Exception:
-            # A broken metric must not fail a deployment.
-            logger.warning("on_call hook failed for %s %s", resource_type, operation, exc_info=True)
+    def _new_client(self, service: str) -> Any:
+        return self._make_client(
+            service,
+            region_name=self.region,
+            endpoint_url=self.endpoint_url,
+            config=self._config,
+        )
 
     def call(
         self,
@@ -363,16 +361,11 @@ class AwsProvider:
     def _ensure_owner(self, kind: _Kind, found: _Found, deployment: Deployment) -> None:
         if not kind.taggable or self.owned_by(found, deployment):
             return
-        holder = found.tags.get(self.tag_key(tagging.DEPLOYMENT_ID))
-        whose = (
-            f"belongs to deployment {holder}"
-            if holder
-            else "carries no KIDP deployment tag (it was not created by this broker)"
-        )
-        raise ProvisioningFailed(
-            f"{kind.label} '{found.name}' already exists and {whose}; "
-            "delete or rename it, or choose another resourceName",
-            details={"cloudResourceId": found.arn, "heldBy": holder},
+        raise foreign_resource(
+            label=kind.label,
+            name=found.name,
+            holder=found.tags.get(self.tag_key(tagging.DEPLOYMENT_ID)),
+            resource_id=found.arn,
         )
 
     # --- the CloudProvider port --------------------------------------------
@@ -393,15 +386,6 @@ class AwsProvider:
             }
         return supported
 
-    def identifier(self, deployment: Deployment) -> str:
-        """The cloud identifier ``deployment``'s resource has (or will have)."""
-        return self._kind(deployment).name(deployment)
-
-    def password_policy(self, deployment: Deployment) -> PasswordPolicy | None:
-        """RDS master passwords; Redis AUTH tokens when in-transit encryption is on
-        (ElastiCache only accepts AUTH over TLS); None for everything else."""
-        return self._kind(deployment).password_policy(deployment)
-
     def plan(self, deployment: Deployment, tags: dict[str, str]) -> dict[str, Any]:
         """The calls ``deploy`` would make to create the resource; no API calls,
         no password (``secretParameters`` names where credentials would go)."""
@@ -416,11 +400,6 @@ class AwsProvider:
             "notes": kind.notes(deployment),
         }
 
-    def validate_quota(self, deployment: Deployment) -> QuotaReport:
-        """Check the account's room for this deployment; raises ``QuotaExceeded``
-        naming the quota, its usage and its maximum."""
-        return self._kind(deployment).quota(deployment)
-
     def deploy(
         self,
         deployment: Deployment,
@@ -431,28 +410,14 @@ class AwsProvider:
         kind = self._kind(deployment)
         encoded = self._encoded_tags(deployment, tags)
         kind.check_credentials(deployment, credentials)
-        found = kind.find(deployment)
-        adopted = found is not None
-        if found is None:
-            try:
-                kind.create(deployment, encoded, credentials)
-                logger.info(
-                    "created %s %s for %s", kind.label, kind.name(deployment), deployment.id
-                )
-            except _AlreadyExists:
-                # Someone created it between our look and our create: maybe a
-                # concurrent worker on this deployment, maybe a retried create
-                # whose first response was lost. Adopt only if it is ours.
-                logger.info(
-                    "%s %s already exists; re-reading it", kind.label, kind.name(deployment)
-                )
-                adopted = True
-            found = kind.find(deployment)
-            if found is None:
-                raise CloudUnavailable(
-                    f"{kind.label} '{kind.name(deployment)}' was created but cannot be read yet",
-                    retry_after=10.0,
-                )
+        found, adopted = find_or_create(
+            label=kind.label,
+            name=kind.name(deployment),
+            deployment_id=deployment.id,
+            find=lambda: kind.find(deployment),
+            create=lambda: kind.create(deployment, encoded, credentials),
+            lost_race=_AlreadyExists,
+        )
         if adopted:
             # What we just created is ours even before its tags are readable
             # (S3 applies tags in a second call on endpoints without creation tags).
@@ -467,11 +432,7 @@ class AwsProvider:
         kind = self._kind(deployment)
         found = kind.find(deployment)
         if found is None or (kind.taggable and not self.owned_by(found, deployment)):
-            return CloudResource(
-                cloud_resource_id=deployment.cloud_resource_id or kind.name(deployment),
-                state="missing",
-                message=f"no {kind.label} '{kind.name(deployment)}' of this deployment exists",
-            )
+            return missing_resource(deployment, label=kind.label, name=kind.name(deployment))
         return kind.status(deployment, found)
 
     def delete(self, deployment: Deployment) -> bool:
@@ -501,10 +462,7 @@ class AwsProvider:
         kind.check_credentials(deployment, credentials)
         found = kind.find(deployment)
         if found is None or (kind.taggable and not self.owned_by(found, deployment)):
-            raise ProvisioningFailed(
-                f"cannot rotate credentials: no {kind.label} '{kind.name(deployment)}' "
-                "of this deployment exists"
-            )
+            raise nothing_to_rotate(label=kind.label, name=kind.name(deployment))
         kind.rotate(deployment, found, credentials)
 
     def list_managed(self) -> Sequence[ManagedResource]:

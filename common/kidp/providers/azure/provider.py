@@ -30,7 +30,6 @@ import importlib
 import ipaddress
 import json
 import logging
-import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -62,7 +61,7 @@ from kidp.models import (
     Phase,
     ResourceType,
 )
-from kidp.ports import Credentials, PasswordPolicy, QuotaReport
+from kidp.ports import Credentials, QuotaReport
 from kidp.providers.azure.base import (
     ACTIVITY_LOG_API_VERSION,
     API_VERSIONS,
@@ -89,6 +88,14 @@ from kidp.providers.azure.servicebus import _ServiceBusTopic
 from kidp.providers.azure.sql import _SqlDatabase
 from kidp.providers.azure.storage import _StorageAccount
 from kidp.providers.ownership import deployment_tags
+from kidp.providers.plumbing import (
+    ClientCache,
+    ProviderPlumbing,
+    find_or_create,
+    foreign_resource,
+    missing_resource,
+    nothing_to_rotate,
+)
 
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
@@ -176,7 +183,7 @@ def credential_for(kind: str, arm_endpoint: str | None) -> TokenCredential | Non
     raise ValidationFailed(f"KIDP_AZURE_CREDENTIAL '{kind}' is not supported; use default")
 
 
-class AzureProvider:
+class AzureProvider(ProviderPlumbing):
     """:class:`kidp.ports.CloudProvider` for Azure, in one subscription,
     resource group and location (``region``).
 
@@ -192,6 +199,9 @@ class AzureProvider:
     id). ``on_call(resource_type, operation)`` runs once per API call.
     ``retry_total``/``retry_backoff`` tune the client's own retries and
     ``max_retry_wait`` caps the ``Retry-After`` it will sleep for.
+
+    Passwords (``password_policy``): administrator passwords for the three
+    database kinds; Redis and storage use Microsoft Entra ID, not keys.
     """
 
     name = PROVIDER_NAME
@@ -230,9 +240,8 @@ class AzureProvider:
         self.max_retry_wait = max_retry_wait
         self.timeout = timeout
         self._credential = credential
-        self._clients: dict[str, Any] = dict(clients or {})
+        self._clients = ClientCache(clients)
         self._on_call = on_call
-        self._lock = threading.Lock()
         self._kinds: dict[str, _Kind] = {
             kind.key: kind
             for kind in (
@@ -263,40 +272,29 @@ class AzureProvider:
         return self._credential
 
     def _client(self, service: str) -> Any:
-        with self._lock:
-            client = self._clients.get(service)
-            if client is None:
-                module, class_name = _CLIENTS[service]
-                factory = getattr(importlib.import_module(module), class_name)
-                client = factory(
-                    self._token_credential(),
-                    self.subscription_id,
-                    base_url=self.base_url,
-                    api_version=API_VERSIONS[service],
-                    # Tokens are for the ARM endpoint in use (sovereign clouds differ).
-                    credential_scopes=[f"{self.base_url}/.default"],
-                    retry_policy=_BoundedRetryPolicy(
-                        max_wait=self.max_retry_wait,
-                        retry_total=self.retry_total,
-                        retry_backoff_factor=self.retry_backoff,
-                        retry_backoff_max=8,
-                    ),
-                    connection_verify=self.connection_verify,
-                    connection_timeout=10,
-                    read_timeout=self.timeout,
-                    user_agent="kidp-broker",
-                )
-                self._clients[service] = client
-            return client
+        return self._clients.get(service, self._new_client)
 
-    def _count(self, resource_type: str, operation: str) -> None:
-        if self._on_call is None:
-            return
-        try:
-            self._on_call(resource_type, operation)
-        except Exception:
-            # A broken metric must not fail a deployment.
-            logger.warning("on_call hook failed for %s %s", resource_type, operation, exc_info=True)
+    def _new_client(self, service: str) -> Any:
+        module, class_name = _CLIENTS[service]
+        factory = getattr(importlib.import_module(module), class_name)
+        return factory(
+            self._token_credential(),
+            self.subscription_id,
+            base_url=self.base_url,
+            api_version=API_VERSIONS[service],
+            # Tokens are for the ARM endpoint in use (sovereign clouds differ).
+            credential_scopes=[f"{self.base_url}/.default"],
+            retry_policy=_BoundedRetryPolicy(
+                max_wait=self.max_retry_wait,
+                retry_total=self.retry_total,
+                retry_backoff_factor=self.retry_backoff,
+                retry_backoff_max=8,
+            ),
+            connection_verify=self.connection_verify,
+            connection_timeout=10,
+            read_timeout=self.timeout,
+            user_agent="kidp-broker",
+        )
 
     def call(
         self,
@@ -441,16 +439,11 @@ class AzureProvider:
     def _ensure_owner(self, kind: _Kind, found: _Found, deployment: Deployment) -> None:
         if not kind.taggable or self.owned_by(found, deployment):
             return
-        holder = found.tags.get(self.tag_key(tagging.DEPLOYMENT_ID))
-        whose = (
-            f"belongs to deployment {holder}"
-            if holder
-            else "carries no KIDP deployment tag (it was not created by this broker)"
-        )
-        raise ProvisioningFailed(
-            f"{kind.label} '{found.name}' already exists and {whose}; "
-            "delete or rename it, or choose another resourceName",
-            details={"cloudResourceId": found.id, "heldBy": holder},
+        raise foreign_resource(
+            label=kind.label,
+            name=found.name,
+            holder=found.tags.get(self.tag_key(tagging.DEPLOYMENT_ID)),
+            resource_id=found.id,
         )
 
     def _locate(self, kind: _Kind, deployment: Deployment) -> _Found | None:
@@ -553,15 +546,6 @@ class AzureProvider:
             supported[ResourceType.SERVICE] = {"": []}
         return supported
 
-    def identifier(self, deployment: Deployment) -> str:
-        """The Azure name ``deployment``'s resource has (or will have)."""
-        return self._kind(deployment).name(deployment)
-
-    def password_policy(self, deployment: Deployment) -> PasswordPolicy | None:
-        """Administrator passwords for the three database kinds; None for the
-        rest (Redis and storage use Microsoft Entra ID, not keys)."""
-        return self._kind(deployment).password_policy(deployment)
-
     def plan(self, deployment: Deployment, tags: dict[str, str]) -> dict[str, Any]:
         """The ARM requests ``deploy`` would send, in order (method, path with
         api-version, body); no calls, no password (``secretFields`` names where
@@ -597,16 +581,16 @@ class AzureProvider:
         kind = self._kind(deployment)
         encoded = self.encode_tags(deployment, tags)
         kind.check_credentials(deployment, credentials)
-        found = self._locate(kind, deployment)
-        if found is None:
-            kind.create(deployment, encoded, credentials)
-            logger.info("started %s %s for %s", kind.label, kind.name(deployment), deployment.id)
-            found = kind.find(deployment)
-            if found is None:
-                raise CloudUnavailable(
-                    f"{kind.label} '{kind.name(deployment)}' was accepted but cannot be read yet",
-                    retry_after=10.0,
-                )
+        found, _ = find_or_create(
+            label=kind.label,
+            name=kind.name(deployment),
+            deployment_id=deployment.id,
+            find=lambda: self._locate(kind, deployment),
+            create=lambda: kind.create(deployment, encoded, credentials),
+            reread=lambda: kind.find(deployment),
+            started="started",
+            unreadable="accepted",
+        )
         self._ensure_owner(kind, found, deployment)
         if kind.advance(deployment, found, encoded):
             found = kind.find(deployment, found.name) or found
@@ -619,11 +603,7 @@ class AzureProvider:
         kind = self._kind(deployment)
         found = self._locate(kind, deployment)
         if found is None or (kind.taggable and not self.owned_by(found, deployment)):
-            return CloudResource(
-                cloud_resource_id=deployment.cloud_resource_id or kind.name(deployment),
-                state="missing",
-                message=f"no {kind.label} '{kind.name(deployment)}' of this deployment exists",
-            )
+            return missing_resource(deployment, label=kind.label, name=kind.name(deployment))
         if self._provisioning(deployment) and kind.advance(
             deployment, found, kind.logical_tags(deployment)
         ):
@@ -666,10 +646,7 @@ class AzureProvider:
         kind.check_credentials(deployment, credentials)
         found = self._locate(kind, deployment)
         if found is None or (kind.taggable and not self.owned_by(found, deployment)):
-            raise ProvisioningFailed(
-                f"cannot rotate credentials: no {kind.label} '{kind.name(deployment)}' "
-                "of this deployment exists"
-            )
+            raise nothing_to_rotate(label=kind.label, name=kind.name(deployment))
         kind.rotate(deployment, found, credentials)
 
     def list_managed(self) -> Sequence[ManagedResource]:

@@ -45,7 +45,7 @@ from kidp.errors import (
     ValidationFailed,
 )
 from kidp.models import CloudResource, DeletionPolicy, Deployment, ManagedResource, ResourceType
-from kidp.ports import Credentials, PasswordPolicy, QuotaReport
+from kidp.ports import Credentials
 from kidp.providers.gcp import errors as gerrors
 from kidp.providers.gcp.base import (
     DEFAULT_ENDPOINTS,
@@ -63,6 +63,14 @@ from kidp.providers.gcp.memorystore import _RedisInstance
 from kidp.providers.gcp.pubsub import _PubSubTopic
 from kidp.providers.gcp.storage import _Bucket
 from kidp.providers.ownership import deployment_tags
+from kidp.providers.plumbing import (
+    ClientCache,
+    ProviderPlumbing,
+    find_or_create,
+    foreign_resource,
+    missing_resource,
+    nothing_to_rotate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +88,7 @@ _SERVICE_NAMES = {
 }
 
 
-class GcpProvider:
+class GcpProvider(ProviderPlumbing):
     """:class:`kidp.ports.CloudProvider` for Google Cloud.
 
     ``project`` and ``region`` place every resource (the project defaults to
@@ -97,6 +105,8 @@ class GcpProvider:
     each request's, ``retry_seconds`` how long throttled or failed requests
     are retried before the error is returned. ``on_call(resource_type,
     operation)`` runs once per API call.
+
+    Passwords (``password_policy``): Cloud SQL's built-in administrator only.
     """
 
     name = PROVIDER_NAME
@@ -125,7 +135,6 @@ class GcpProvider:
         self._credentials = credentials
         self.api_endpoint = api_endpoint.rstrip("/") if api_endpoint else None
         self._endpoints = {k: v.rstrip("/") for k, v in (endpoints or {}).items()}
-        self._clients: dict[str, Any] = dict(clients or {})
         self.tag_prefix = tag_prefix
         self.managed_by = managed_by
         self.network = network
@@ -135,7 +144,9 @@ class GcpProvider:
         self._on_call = on_call
         self.timeout = timeout
         self.retry_seconds = retry_seconds
+        # Re-entrant: making a client loads the credentials, under the same lock.
         self._lock = threading.RLock()
+        self._clients = ClientCache(clients, lock=self._lock)
         self._local = threading.local()
         self._kinds: dict[str, _Kind] = {
             kind.key: kind
@@ -213,12 +224,7 @@ class GcpProvider:
 
     def client(self, api: str) -> Any:
         """The client for ``api``, created on first use and shared between threads."""
-        with self._lock:
-            client = self._clients.get(api)
-            if client is None:
-                client = self._new_client(api)
-                self._clients[api] = client
-            return client
+        return self._clients.get(api, self._new_client)
 
     def _new_client(self, api: str) -> Any:
         endpoint = self._configured_endpoint(api)
@@ -281,15 +287,6 @@ class GcpProvider:
         return request.execute(http=self._http())
 
     # --- calls -------------------------------------------------------------------
-
-    def _count(self, resource_type: str, operation: str) -> None:
-        if self._on_call is None:
-            return
-        try:
-            self._on_call(resource_type, operation)
-        except Exception:
-            # A broken metric must not fail a deployment.
-            logger.warning("on_call hook failed for %s %s", resource_type, operation, exc_info=True)
 
     def _retrying(self, fn: Callable[[], Any]) -> Any:
         if self.retry_seconds <= 0:
@@ -450,16 +447,12 @@ class GcpProvider:
     def _ensure_owner(self, kind: _Kind, found: _Found, deployment: Deployment) -> None:
         if self.owned_by(found, deployment):
             return
-        holder = found.labels.get(self.label_key(tagging.DEPLOYMENT_ID))
-        whose = (
-            f"belongs to deployment {holder}"
-            if holder
-            else "carries no KIDP deployment label (it was not created by this broker)"
-        )
-        raise ProvisioningFailed(
-            f"{kind.label} '{found.name}' already exists and {whose}; "
-            "delete or rename it, or choose another resourceName",
-            details={"cloudResourceId": found.resource_id, "heldBy": holder},
+        raise foreign_resource(
+            label=kind.label,
+            name=found.name,
+            holder=found.labels.get(self.label_key(tagging.DEPLOYMENT_ID)),
+            resource_id=found.resource_id,
+            marker="label",
         )
 
     def _missing(self, kind: _Kind, deployment: Deployment) -> CloudResource:
@@ -470,11 +463,7 @@ class GcpProvider:
                 state="failed",
                 message=reason,
             )
-        return CloudResource(
-            cloud_resource_id=deployment.cloud_resource_id or kind.name(deployment),
-            state="missing",
-            message=f"no {kind.label} '{kind.name(deployment)}' of this deployment exists",
-        )
+        return missing_resource(deployment, label=kind.label, name=kind.name(deployment))
 
     # --- the CloudProvider port -----------------------------------------------
 
@@ -495,14 +484,6 @@ class GcpProvider:
             }
         return supported
 
-    def identifier(self, deployment: Deployment) -> str:
-        """The resource name ``deployment``'s resource has (or will have)."""
-        return self._kind(deployment).name(deployment)
-
-    def password_policy(self, deployment: Deployment) -> PasswordPolicy | None:
-        """Cloud SQL's built-in administrator; None for everything else."""
-        return self._kind(deployment).password_policy(deployment)
-
     def plan(self, deployment: Deployment, tags: dict[str, str]) -> dict[str, Any]:
         """The requests ``deploy`` would send (method, URL, body); no API call,
         no password (``secretFields`` names where it would go)."""
@@ -518,11 +499,6 @@ class GcpProvider:
             "notes": kind.notes(deployment),
         }
 
-    def validate_quota(self, deployment: Deployment) -> QuotaReport:
-        """Check the project's room for this deployment; raises ``QuotaExceeded``
-        naming the quota, its usage and its limit."""
-        return self._kind(deployment).quota(deployment)
-
     def deploy(
         self,
         deployment: Deployment,
@@ -534,27 +510,17 @@ class GcpProvider:
         kind = self._kind(deployment)
         labels = self._labels(deployment, tags)
         kind.check_credentials(deployment, credentials)
-        found = kind.find(deployment)
-        if found is None:
-            try:
-                kind.create(deployment, labels, credentials)
-                logger.info(
-                    "creating %s %s for %s", kind.label, kind.name(deployment), deployment.id
-                )
-            except _AlreadyExists:
-                # A concurrent worker on this deployment, or a retried create
-                # whose first answer was lost: adopt it only if it is ours.
-                logger.info(
-                    "%s %s already exists; re-reading it", kind.label, kind.name(deployment)
-                )
-            found = kind.find(deployment)
-            if found is None:
-                if (failed := kind.failed_create(deployment)) is not None:
-                    raise ProvisioningFailed(failed)
-                raise CloudUnavailable(
-                    f"{kind.label} '{kind.name(deployment)}' was created but cannot be read yet",
-                    retry_after=10.0,
-                )
+        found, _ = find_or_create(
+            label=kind.label,
+            name=kind.name(deployment),
+            deployment_id=deployment.id,
+            find=lambda: kind.find(deployment),
+            create=lambda: kind.create(deployment, labels, credentials),
+            lost_race=_AlreadyExists,
+            started="creating",
+            failed=lambda: kind.failed_create(deployment),
+        )
+        # Labels are set with the create, so even what was just made is checked.
         self._ensure_owner(kind, found, deployment)
         return kind.status(deployment, found)
 
@@ -592,10 +558,7 @@ class GcpProvider:
         kind.check_credentials(deployment, credentials)
         found = kind.find(deployment)
         if found is None or not self.owned_by(found, deployment):
-            raise ProvisioningFailed(
-                f"cannot rotate credentials: no {kind.label} '{kind.name(deployment)}' "
-                "of this deployment exists"
-            )
+            raise nothing_to_rotate(label=kind.label, name=kind.name(deployment))
         kind.rotate(deployment, found, credentials)
 
     def list_managed(self) -> Sequence[ManagedResource]:
