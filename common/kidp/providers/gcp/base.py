@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -114,6 +114,17 @@ class _Found:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def gapic_found(resource: Any, state: str) -> _Found:
+    """A GAPIC client's resource (``name`` is its full path) as a :class:`_Found`."""
+    return _Found(
+        name=resource.name.rsplit("/", 1)[-1],
+        resource_id=resource.name,
+        state=state,
+        labels=dict(resource.labels),
+        raw=resource,
+    )
+
+
 @dataclass(frozen=True)
 class QuotaRule:
     """A project quota one kind consumes: the Service Usage metric that holds the
@@ -203,9 +214,36 @@ class _Kind(ABC):
             self.api, self.resource_type.value, operation, fn, expect=expect, secrets=secrets
         )
 
+    def read(self, operation: str, fn: Callable[[], Any], /) -> Any | None:
+        """``fn``'s answer to a read, or None when the API answers 404."""
+        try:
+            return self.call(operation, fn, expect=(404,))
+        except _Refused:
+            return None
+
+    def start_create(
+        self, operation: str, fn: Callable[[], Any], /, *, secrets: tuple[str, ...] = ()
+    ) -> None:
+        """Send a create (``fn``); the name being taken (409) is ``_AlreadyExists``:
+        ours from a lost answer, or somebody else's, which ``find`` tells."""
+        try:
+            self.call(operation, fn, expect=(409,), secrets=secrets)
+        except _Refused:
+            raise _AlreadyExists from None
+
     @property
     def endpoint(self) -> str:
         return self.p.endpoint(self.api)
+
+    @property
+    def client(self) -> Any:
+        """The provider's client for this kind's API (made once, shared)."""
+        return self.p.client(self.api)
+
+    @property
+    def parent(self) -> str:
+        """The project's location in the provider's region: regional resources' parent."""
+        return f"projects/{self.p.project}/locations/{self.p.region}"
 
     @abstractmethod
     def name(self, deployment: Deployment) -> str: ...

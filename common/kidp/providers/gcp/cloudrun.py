@@ -18,11 +18,11 @@ from kidp.providers.gcp.base import (
     RUN_LIMITS,
     QuotaRule,
     State,
-    _AlreadyExists,
     _Found,
     _Kind,
     _Refused,
     _Request,
+    gapic_found,
     hashed_name,
     size_name,
     size_of,
@@ -46,16 +46,8 @@ class _RunService(_Kind):
     def name(self, deployment: Deployment) -> str:
         return hashed_name(deployment, 49)  # Cloud Run service ids stop at 49
 
-    @property
-    def parent(self) -> str:
-        return f"projects/{self.p.project}/locations/{self.p.region}"
-
     def full_name(self, deployment: Deployment) -> str:
         return f"{self.parent}/services/{self.name(deployment)}"
-
-    @property
-    def client(self) -> Any:
-        return self.p.client("run")
 
     def service(self, deployment: Deployment, labels: dict[str, str]) -> Any:
         from google.cloud import run_v2
@@ -106,40 +98,25 @@ class _RunService(_Kind):
         self, deployment: Deployment, labels: dict[str, str], credentials: Credentials | None
     ) -> None:
         service = self.service(deployment, labels)
-        try:
-            self.call(
-                "create_service",
-                lambda: self.client.create_service(
-                    parent=self.parent,
-                    service=service,
-                    service_id=self.name(deployment),
-                    **self.p.call_options,
-                ),
-                expect=(409,),
-            )
-        except _Refused:
-            raise _AlreadyExists from None
+        self.start_create(
+            "create_service",
+            lambda: self.client.create_service(
+                parent=self.parent,
+                service=service,
+                service_id=self.name(deployment),
+                **self.p.call_options,
+            ),
+        )
 
     def _found(self, service: Any) -> _Found:
-        return _Found(
-            name=service.name.rsplit("/", 1)[-1],
-            resource_id=service.name,
-            state=service.terminal_condition.state.name,
-            labels=dict(service.labels),
-            raw=service,
-        )
+        return gapic_found(service, service.terminal_condition.state.name)
 
     def find(self, deployment: Deployment) -> _Found | None:
         name = self.full_name(deployment)
-        try:
-            service = self.call(
-                "get_service",
-                lambda: self.client.get_service(name=name, **self.p.call_options),
-                expect=(404,),
-            )
-        except _Refused:
-            return None
-        return self._found(service)
+        service = self.read(
+            "get_service", lambda: self.client.get_service(name=name, **self.p.call_options)
+        )
+        return None if service is None else self._found(service)
 
     def status(self, deployment: Deployment, found: _Found) -> CloudResource:
         service = found.raw

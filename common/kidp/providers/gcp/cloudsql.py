@@ -23,7 +23,6 @@ from kidp.providers.gcp.base import (
     SQL_VERSIONS,
     QuotaRule,
     State,
-    _AlreadyExists,
     _Found,
     _Kind,
     _Refused,
@@ -70,7 +69,7 @@ class _CloudSqlInstance(_Kind):
 
     @property
     def sql(self) -> Any:
-        return self.p.client("sqladmin")
+        return self.client
 
     def resource_id(self, name: str) -> str:
         return f"projects/{self.p.project}/instances/{name}"
@@ -213,29 +212,17 @@ class _CloudSqlInstance(_Kind):
     ) -> None:
         assert credentials is not None  # check_credentials ran first
         body = {**self.body(deployment, labels), "rootPassword": credentials.password}
-        try:
-            self.call(
-                "instances.insert",
-                lambda: self.p.execute(
-                    self.sql.instances().insert(project=self.p.project, body=body)
-                ),
-                expect=(409,),
-                secrets=(credentials.password,),
-            )
-        except _Refused:
-            raise _AlreadyExists from None
+        self.start_create(
+            "instances.insert",
+            lambda: self.p.execute(self.sql.instances().insert(project=self.p.project, body=body)),
+            secrets=(credentials.password,),
+        )
 
     def _read(self, name: str) -> dict[str, Any] | None:
-        try:
-            instance: dict[str, Any] = self.call(
-                "instances.get",
-                lambda: self.p.execute(
-                    self.sql.instances().get(project=self.p.project, instance=name)
-                ),
-                expect=(404,),
-            )
-        except _Refused:
-            return None
+        instance: dict[str, Any] | None = self.read(
+            "instances.get",
+            lambda: self.p.execute(self.sql.instances().get(project=self.p.project, instance=name)),
+        )
         return instance
 
     def _found(self, instance: dict[str, Any]) -> _Found:

@@ -24,12 +24,12 @@ from kidp.providers.gcp.base import (
     REDIS_VERSIONS,
     QuotaRule,
     State,
-    _AlreadyExists,
     _Found,
     _Kind,
     _Refused,
     _Request,
     encryption_of,
+    gapic_found,
     hashed_name,
     size_name,
     size_of,
@@ -59,16 +59,8 @@ class _RedisInstance(_Kind):
     def name(self, deployment: Deployment) -> str:
         return hashed_name(deployment, 40)  # Memorystore instance ids stop at 40
 
-    @property
-    def parent(self) -> str:
-        return f"projects/{self.p.project}/locations/{self.p.region}"
-
     def full_name(self, deployment: Deployment) -> str:
         return f"{self.parent}/instances/{self.name(deployment)}"
-
-    @property
-    def client(self) -> Any:
-        return self.p.client("redis")
 
     def instance(self, deployment: Deployment, labels: dict[str, str]) -> Any:
         from google.cloud import redis_v1
@@ -127,41 +119,26 @@ class _RedisInstance(_Kind):
         self, deployment: Deployment, labels: dict[str, str], credentials: Credentials | None
     ) -> None:
         instance = self.instance(deployment, labels)
-        try:
-            # The returned operation is not waited on: polls read the instance.
-            self.call(
-                "create_instance",
-                lambda: self.client.create_instance(
-                    parent=self.parent,
-                    instance_id=self.name(deployment),
-                    instance=instance,
-                    **self.p.call_options,
-                ),
-                expect=(409,),
-            )
-        except _Refused:
-            raise _AlreadyExists from None
+        # The returned operation is not waited on: polls read the instance.
+        self.start_create(
+            "create_instance",
+            lambda: self.client.create_instance(
+                parent=self.parent,
+                instance_id=self.name(deployment),
+                instance=instance,
+                **self.p.call_options,
+            ),
+        )
 
     def _found(self, instance: Any) -> _Found:
-        return _Found(
-            name=instance.name.rsplit("/", 1)[-1],
-            resource_id=instance.name,
-            state=instance.state.name,
-            labels=dict(instance.labels),
-            raw=instance,
-        )
+        return gapic_found(instance, instance.state.name)
 
     def find(self, deployment: Deployment) -> _Found | None:
         name = self.full_name(deployment)
-        try:
-            instance = self.call(
-                "get_instance",
-                lambda: self.client.get_instance(name=name, **self.p.call_options),
-                expect=(404,),
-            )
-        except _Refused:
-            return None
-        return self._found(instance)
+        instance = self.read(
+            "get_instance", lambda: self.client.get_instance(name=name, **self.p.call_options)
+        )
+        return None if instance is None else self._found(instance)
 
     def status(self, deployment: Deployment, found: _Found) -> CloudResource:
         from google.cloud import redis_v1

@@ -20,11 +20,11 @@ from kidp.ports import Credentials
 from kidp.providers.gcp.base import (
     MAX_TOPIC_RETENTION_HOURS,
     QuotaRule,
-    _AlreadyExists,
     _Found,
     _Kind,
     _Refused,
     _Request,
+    gapic_found,
     hashed_name,
 )
 
@@ -48,10 +48,6 @@ class _PubSubTopic(_Kind):
 
     def path(self, deployment: Deployment) -> str:
         return f"projects/{self.p.project}/topics/{self.name(deployment)}"
-
-    @property
-    def client(self) -> Any:
-        return self.p.client("pubsub")
 
     def body(self, deployment: Deployment, labels: dict[str, str]) -> dict[str, Any]:
         hours = deployment.spec.retention_hours or 168
@@ -92,35 +88,20 @@ class _PubSubTopic(_Kind):
             "labels": labels,
             "message_retention_duration": duration_pb2.Duration(seconds=seconds),
         }
-        try:
-            self.call(
-                "create_topic",
-                lambda: self.client.create_topic(request=request, **self.p.call_options),
-                expect=(409,),
-            )
-        except _Refused:
-            raise _AlreadyExists from None
+        self.start_create(
+            "create_topic",
+            lambda: self.client.create_topic(request=request, **self.p.call_options),
+        )
 
     def _found(self, topic: Any) -> _Found:
-        return _Found(
-            name=topic.name.rsplit("/", 1)[-1],
-            resource_id=topic.name,
-            state="available",
-            labels=dict(topic.labels),
-            raw=topic,
-        )
+        return gapic_found(topic, "available")
 
     def find(self, deployment: Deployment) -> _Found | None:
         path = self.path(deployment)
-        try:
-            topic = self.call(
-                "get_topic",
-                lambda: self.client.get_topic(topic=path, **self.p.call_options),
-                expect=(404,),
-            )
-        except _Refused:
-            return None
-        return self._found(topic)
+        topic = self.read(
+            "get_topic", lambda: self.client.get_topic(topic=path, **self.p.call_options)
+        )
+        return None if topic is None else self._found(topic)
 
     def status(self, deployment: Deployment, found: _Found) -> CloudResource:
         retention = found.raw.message_retention_duration

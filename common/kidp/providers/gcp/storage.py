@@ -15,7 +15,6 @@ from typing import Any
 from kidp.models import CloudResource, Deployment, ResourceType
 from kidp.ports import Credentials
 from kidp.providers.gcp.base import (
-    _AlreadyExists,
     _Found,
     _Kind,
     _Refused,
@@ -35,10 +34,6 @@ class _Bucket(_Kind):
 
     def name(self, deployment: Deployment) -> str:
         return piece_name(deployment, 63)
-
-    @property
-    def client(self) -> Any:
-        return self.p.client("storage")
 
     @staticmethod
     def resource_id(name: str) -> str:
@@ -86,17 +81,13 @@ class _Bucket(_Kind):
         bucket.iam_configuration.public_access_prevention = "enforced"
         if self.p.kms_key:
             bucket.default_kms_key_name = self.p.kms_key
-        try:
-            self.call(
-                "buckets.insert",
-                lambda: self.client.create_bucket(
-                    bucket, location=self.p.region, **self.p.call_options
-                ),
-                expect=(409,),
-            )
-        except _Refused:
-            # Ours from a lost answer, or another project's: find() tells.
-            raise _AlreadyExists from None
+        # Taken: ours from a lost answer, or another project's (find() tells).
+        self.start_create(
+            "buckets.insert",
+            lambda: self.client.create_bucket(
+                bucket, location=self.p.region, **self.p.call_options
+            ),
+        )
 
     def _found(self, bucket: Any) -> _Found:
         return _Found(
