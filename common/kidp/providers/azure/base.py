@@ -216,6 +216,26 @@ class _Kind(ABC):
         )
         return found
 
+    def begin(
+        self, operation: str, /, *names: str, body: Json, secrets: tuple[str, ...] = ()
+    ) -> None:
+        """Start the long-running ``operation`` on ``names`` in the resource group,
+        sending ``body``; never waited on (polls read the resource again)."""
+        self.call(
+            operation,
+            self.p.resource_group,
+            *names,
+            body_bytes(body),
+            polling=False,
+            secrets=secrets,
+        )
+
+    def found(self, operation: str, /, *names: str) -> _Found | None:
+        """GET the resource ``names`` lead to in the resource group (the last is
+        its name) as a :class:`_Found`, or None when ARM has no such resource."""
+        raw = self.get(operation, self.p.resource_group, *names)
+        return None if raw is None else _Found(name=names[-1], id=str(raw["id"]), raw=raw)
+
     @property
     def api_version(self) -> str:
         return API_VERSIONS[self.service]
@@ -324,6 +344,14 @@ class _DatabaseServer(_Kind):
                 f"(8-{self.max_password} characters from three of upper, lower, digits and "
                 "symbols, not containing the login)"
             )
+
+    def rotate(self, deployment: Deployment, found: _Found, credentials: Credentials) -> None:
+        self.begin(
+            "servers.begin_update",
+            found.name,
+            body={"properties": {"administratorLoginPassword": credentials.password}},
+            secrets=(credentials.password,),
+        )
 
     def validate_retention(self, deployment: Deployment, minimum: int) -> None:
         try:

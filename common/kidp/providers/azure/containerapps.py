@@ -16,7 +16,6 @@ from kidp.providers.azure.base import (
     _Kind,
     _Request,
     arm_state,
-    body_bytes,
     hashed_name,
     size_name,
     size_of,
@@ -113,20 +112,14 @@ class _ContainerApp(_Kind):
     ) -> None:
         if not deployment.spec.image:
             raise ProvisioningFailed("a service needs spec.image")
-        self.call(
+        self.begin(
             "container_apps.begin_create_or_update",
-            self.p.resource_group,
             self.name(deployment),
-            body_bytes(self.body(deployment, tags)),
-            polling=False,
+            body=self.body(deployment, tags),
         )
 
     def find(self, deployment: Deployment, name: str | None = None) -> _Found | None:
-        app_name = name or self.name(deployment)
-        app = self.get("container_apps.get", self.p.resource_group, app_name)
-        if app is None:
-            return None
-        return _Found(name=app_name, id=str(app["id"]), raw=app)
+        return self.found("container_apps.get", name or self.name(deployment))
 
     def status(self, deployment: Deployment, found: _Found) -> CloudResource:
         props = found.properties

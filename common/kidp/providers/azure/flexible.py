@@ -16,7 +16,6 @@ from kidp.providers.azure.base import (
     _Found,
     _Request,
     arm_state,
-    body_bytes,
     global_name,
     retention_days,
     size_name,
@@ -118,21 +117,15 @@ class _FlexibleServer(_DatabaseServer):
         assert credentials is not None  # check_credentials ran first
         body = self.body(deployment, tags, credentials.username)
         body["properties"]["administratorLoginPassword"] = credentials.password
-        self.call(
+        self.begin(
             self.create_operation,
-            self.p.resource_group,
             self.name(deployment),
-            body_bytes(body),
-            polling=False,
+            body=body,
             secrets=(credentials.password,),
         )
 
     def find(self, deployment: Deployment, name: str | None = None) -> _Found | None:
-        server_name = name or self.name(deployment)
-        server = self.get("servers.get", self.p.resource_group, server_name)
-        if server is None:
-            return None
-        return _Found(name=server_name, id=str(server["id"]), raw=server)
+        return self.found("servers.get", name or self.name(deployment))
 
     def actual_version(self, props: Json) -> Any:
         return props.get("version")
@@ -175,16 +168,6 @@ class _FlexibleServer(_DatabaseServer):
             return False
         self.call("servers.begin_delete", self.p.resource_group, found.name, polling=False)
         return self.find(deployment, found.name) is None
-
-    def rotate(self, deployment: Deployment, found: _Found, credentials: Credentials) -> None:
-        self.call(
-            "servers.begin_update",
-            self.p.resource_group,
-            found.name,
-            body_bytes({"properties": {"administratorLoginPassword": credentials.password}}),
-            polling=False,
-            secrets=(credentials.password,),
-        )
 
 
 #: PostgreSQL flexible server storage tiers (GiB): a request is rounded up to one.

@@ -15,7 +15,6 @@ from kidp.providers.azure.base import (
     _Kind,
     _Request,
     arm_state,
-    body_bytes,
     encryption_of,
     global_name,
     size_name,
@@ -76,20 +75,10 @@ class _RedisCache(_Kind):
     def create(
         self, deployment: Deployment, tags: dict[str, str], credentials: Credentials | None
     ) -> None:
-        self.call(
-            "redis.begin_create",
-            self.p.resource_group,
-            self.name(deployment),
-            body_bytes(self.body(deployment, tags)),
-            polling=False,
-        )
+        self.begin("redis.begin_create", self.name(deployment), body=self.body(deployment, tags))
 
     def find(self, deployment: Deployment, name: str | None = None) -> _Found | None:
-        cache_name = name or self.name(deployment)
-        cache = self.get("redis.get", self.p.resource_group, cache_name)
-        if cache is None:
-            return None
-        return _Found(name=cache_name, id=str(cache["id"]), raw=cache)
+        return self.found("redis.get", name or self.name(deployment))
 
     def status(self, deployment: Deployment, found: _Found) -> CloudResource:
         props = found.properties

@@ -100,11 +100,7 @@ class _ServiceBusTopic(_Kind):
         )
 
     def find(self, deployment: Deployment, name: str | None = None) -> _Found | None:
-        topic_name = name or self.name(deployment)
-        topic = self.get("topics.get", self.p.resource_group, self.namespace, topic_name)
-        if topic is None:
-            return None
-        return _Found(name=topic_name, id=str(topic["id"]), raw=topic)
+        return self.found("topics.get", self.namespace, name or self.name(deployment))
 
     def status(self, deployment: Deployment, found: _Found) -> CloudResource:
         props = found.properties

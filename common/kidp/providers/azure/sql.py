@@ -131,21 +131,18 @@ class _SqlDatabase(_DatabaseServer):
         assert credentials is not None  # check_credentials ran first
         body = self.server_body(deployment, tags, credentials.username)
         body["properties"]["administratorLoginPassword"] = credentials.password
-        self.call(
+        self.begin(
             "servers.begin_create_or_update",
-            self.p.resource_group,
             self.name(deployment),
-            body_bytes(body),
-            polling=False,
+            body=body,
             secrets=(credentials.password,),
         )
 
     def find(self, deployment: Deployment, name: str | None = None) -> _Found | None:
         server_name = name or self.name(deployment)
-        server = self.get("servers.get", self.p.resource_group, server_name)
-        if server is None:
+        found = self.found("servers.get", server_name)
+        if found is None:
             return None
-        found = _Found(name=server_name, id=str(server["id"]), raw=server)
         database = self.get(
             "databases.get", self.p.resource_group, server_name, self.database_name(deployment)
         )
@@ -258,16 +255,6 @@ class _SqlDatabase(_DatabaseServer):
         # Deleting the server deletes its databases (and, with them, their backups).
         self.call("servers.begin_delete", self.p.resource_group, found.name, polling=False)
         return self.find(deployment, found.name) is None
-
-    def rotate(self, deployment: Deployment, found: _Found, credentials: Credentials) -> None:
-        self.call(
-            "servers.begin_update",
-            self.p.resource_group,
-            found.name,
-            body_bytes({"properties": {"administratorLoginPassword": credentials.password}}),
-            polling=False,
-            secrets=(credentials.password,),
-        )
 
     def quota(self, deployment: Deployment) -> QuotaReport:
         vcores = int(SQL_SKUS[size_of(deployment)]["capacity"])

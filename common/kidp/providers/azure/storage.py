@@ -102,20 +102,17 @@ class _StorageAccount(_Kind):
     def create(
         self, deployment: Deployment, tags: dict[str, str], credentials: Credentials | None
     ) -> None:
-        self.call(
+        self.begin(
             "storage_accounts.begin_create",
-            self.p.resource_group,
             self.name(deployment),
-            body_bytes(self.account_body(deployment, tags)),
-            polling=False,
+            body=self.account_body(deployment, tags),
         )
 
     def find(self, deployment: Deployment, name: str | None = None) -> _Found | None:
         account_name = name or self.name(deployment)
-        account = self.get("storage_accounts.get_properties", self.p.resource_group, account_name)
-        if account is None:
+        found = self.found("storage_accounts.get_properties", account_name)
+        if found is None:
             return None
-        found = _Found(name=account_name, id=str(account["id"]), raw=account)
         if arm_state(found) == "available":
             found.children["blob"] = self.get(
                 "blob_services.get_service_properties", self.p.resource_group, account_name
