@@ -3,8 +3,9 @@
 Each provider still translates its own cloud's errors and builds its own
 clients; what is the same everywhere lives here: the ``on_call`` metric hook,
 the lazily made client per service, the delegations of the port's simple
-questions to the resource kind, the adopt-or-create flow of ``deploy`` and the
-messages for a resource that is somebody else's or not there.
+questions to the resource kind, the five tags in the cloud's dialect and the
+ownership rule that rests on them, the adopt-or-create flow of ``deploy`` and
+the messages for a resource that is somebody else's or not there.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
+from kidp import tags as tagging
 from kidp.errors import CloudUnavailable, ProvisioningFailed
 from kidp.models import CloudResource, Deployment
 from kidp.ports import PasswordPolicy, QuotaReport
+from kidp.providers.ownership import deployment_tags
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +55,38 @@ class ProviderPlumbing:
     ``_on_call`` and implements ``_kind`` (the resource kind serving a deployment)."""
 
     _on_call: Callable[[str, str], None] | None
+    #: How this cloud spells tag (label) keys and values.
+    tag_dialect: ClassVar[tagging.TagDialect]
+    tag_prefix: str
+    managed_by: str
 
     def _kind(self, deployment: Deployment) -> Any:
         raise NotImplementedError
+
+    def tag_key(self, name: str) -> str:
+        """This cloud's key for the logical tag ``name`` under the provider's prefix."""
+        return tagging.encode_key(name, dialect=self.tag_dialect, prefix=self.tag_prefix)
+
+    def encode_tags(self, deployment: Deployment, tags: Mapping[str, str]) -> dict[str, str]:
+        """``deployment``'s five tags (overlaid with ``tags``) in this cloud's dialect."""
+        logical = deployment_tags(deployment, tags, managed_by=self.managed_by)
+        return tagging.encode(logical, dialect=self.tag_dialect, prefix=self.tag_prefix)
+
+    def cloud_tags(self, found: Any) -> Mapping[str, str]:
+        """The tags (labels) a found resource carries."""
+        tags: Mapping[str, str] = found.tags
+        return tags
+
+    def owned_by(self, found: Any, deployment: Deployment) -> bool:
+        """True when ``found`` carries ``deployment``'s id: the one rule that
+        makes adopt, delete and the scans idempotent and safe."""
+        wanted = tagging.encode_value(deployment.id, dialect=self.tag_dialect)
+        return self.cloud_tags(found).get(self.tag_key(tagging.DEPLOYMENT_ID)) == wanted
+
+    @property
+    def retained_value(self) -> str:
+        """The managed-by value a retained resource is re-tagged with."""
+        return tagging.encode_value(f"{self.managed_by}-retained", dialect=self.tag_dialect)
 
     def _count(self, resource_type: str, operation: str) -> None:
         if self._on_call is None:

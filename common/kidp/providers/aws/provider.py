@@ -110,6 +110,7 @@ class AwsProvider(ProviderPlumbing):
     """
 
     name = PROVIDER_NAME
+    tag_dialect = "aws"
 
     def __init__(
         self,
@@ -298,19 +299,6 @@ class AwsProvider(ProviderPlumbing):
             return QuotaExceeded(f"AWS {service} quota reached for {operation} ({code}): {message}")
         return ProvisioningFailed(text, details=details)
 
-    def tag_key(self, name: str) -> str:
-        """The AWS tag key for the logical tag ``name`` under this provider's prefix."""
-        return tagging.encode_key(name, dialect="aws", prefix=self.tag_prefix)
-
-    def owned_by(self, found: _Found, deployment: Deployment) -> bool:
-        """True when ``found`` carries ``deployment``'s id in its tags."""
-        return found.tags.get(self.tag_key(tagging.DEPLOYMENT_ID)) == deployment.id
-
-    @property
-    def retained_value(self) -> str:
-        """The managed-by value a retained resource is re-tagged with."""
-        return f"{self.managed_by}-retained"
-
     @property
     def partition(self) -> str:
         """The ARN partition of this provider's region."""
@@ -390,7 +378,7 @@ class AwsProvider(ProviderPlumbing):
         """The calls ``deploy`` would make to create the resource; no API calls,
         no password (``secretParameters`` names where credentials would go)."""
         kind = self._kind(deployment)
-        encoded = self._encoded_tags(deployment, tags)
+        encoded = self.encode_tags(deployment, tags)
         return {
             "provider": self.name,
             "region": self.region,
@@ -408,7 +396,7 @@ class AwsProvider(ProviderPlumbing):
     ) -> CloudResource:
         """Create the resource, or adopt the one already tagged with this deployment."""
         kind = self._kind(deployment)
-        encoded = self._encoded_tags(deployment, tags)
+        encoded = self.encode_tags(deployment, tags)
         kind.check_credentials(deployment, credentials)
         found, adopted = find_or_create(
             label=kind.label,

@@ -87,7 +87,6 @@ from kidp.providers.azure.redis import _RedisCache
 from kidp.providers.azure.servicebus import _ServiceBusTopic
 from kidp.providers.azure.sql import _SqlDatabase
 from kidp.providers.azure.storage import _StorageAccount
-from kidp.providers.ownership import deployment_tags
 from kidp.providers.plumbing import (
     ClientCache,
     ProviderPlumbing,
@@ -205,6 +204,7 @@ class AzureProvider(ProviderPlumbing):
     """
 
     name = PROVIDER_NAME
+    tag_dialect = "azure"
 
     def __init__(
         self,
@@ -365,24 +365,6 @@ class AzureProvider(ProviderPlumbing):
         if code in QUOTA_CODES:
             return QuotaExceeded(text, details=details)
         return ProvisioningFailed(text, details=details)
-
-    def tag_key(self, name: str) -> str:
-        """The Azure tag name of the logical tag ``name`` (``/`` is not allowed there)."""
-        return tagging.encode_key(name, dialect="azure", prefix=self.tag_prefix)
-
-    def encode_tags(self, deployment: Deployment, tags: Mapping[str, str]) -> dict[str, str]:
-        """``deployment``'s five tags (overlaid with ``tags``) in Azure's dialect."""
-        logical = deployment_tags(deployment, tags, managed_by=self.managed_by)
-        return tagging.encode(logical, dialect="azure", prefix=self.tag_prefix)
-
-    def owned_by(self, found: _Found, deployment: Deployment) -> bool:
-        """True when ``found`` carries ``deployment``'s id in its tags."""
-        return found.tags.get(self.tag_key(tagging.DEPLOYMENT_ID)) == deployment.id
-
-    @property
-    def retained_value(self) -> str:
-        """The managed-by value a retained resource is re-tagged with."""
-        return f"{self.managed_by}-retained"
 
     @property
     def environment_id(self) -> str | None:

@@ -62,7 +62,6 @@ from kidp.providers.gcp.cloudsql import _CloudSqlInstance
 from kidp.providers.gcp.memorystore import _RedisInstance
 from kidp.providers.gcp.pubsub import _PubSubTopic
 from kidp.providers.gcp.storage import _Bucket
-from kidp.providers.ownership import deployment_tags
 from kidp.providers.plumbing import (
     ClientCache,
     ProviderPlumbing,
@@ -110,6 +109,7 @@ class GcpProvider(ProviderPlumbing):
     """
 
     name = PROVIDER_NAME
+    tag_dialect = "gcp"
 
     def __init__(
         self,
@@ -366,18 +366,13 @@ class GcpProvider(ProviderPlumbing):
         return ProvisioningFailed(f"{text}: {google_says}".rstrip(": "), details=details)
 
     def label_key(self, name: str) -> str:
-        """The GCP label key for the logical tag ``name`` under this provider's prefix."""
-        return tagging.encode_key(name, dialect="gcp", prefix=self.tag_prefix)
+        """The GCP label key for the logical tag ``name`` (labels are GCP's tags)."""
+        return self.tag_key(name)
 
-    def owned_by(self, found: _Found, deployment: Deployment) -> bool:
-        """True when ``found``'s labels carry ``deployment``'s id."""
-        wanted = tagging.encode_value(deployment.id, dialect="gcp")
-        return found.labels.get(self.label_key(tagging.DEPLOYMENT_ID)) == wanted
-
-    @property
-    def retained_value(self) -> str:
-        """The managed-by label value a retained resource is re-labelled with."""
-        return tagging.encode_value(f"{self.managed_by}-retained", dialect="gcp")
+    def cloud_tags(self, found: Any) -> Mapping[str, str]:
+        """A found resource's labels."""
+        labels: Mapping[str, str] = found.labels
+        return labels
 
     def quota_limit(self, rule: QuotaRule) -> tuple[int, str]:
         """The project's effective limit for ``rule`` (per region where it is
@@ -440,10 +435,6 @@ class GcpProvider(ProviderPlumbing):
         }[rtype]
         return self._kinds[key]
 
-    def _labels(self, deployment: Deployment, tags: Mapping[str, str]) -> dict[str, str]:
-        logical = deployment_tags(deployment, tags, managed_by=self.managed_by)
-        return tagging.encode(logical, dialect="gcp", prefix=self.tag_prefix)
-
     def _ensure_owner(self, kind: _Kind, found: _Found, deployment: Deployment) -> None:
         if self.owned_by(found, deployment):
             return
@@ -488,7 +479,7 @@ class GcpProvider(ProviderPlumbing):
         """The requests ``deploy`` would send (method, URL, body); no API call,
         no password (``secretFields`` names where it would go)."""
         kind = self._kind(deployment)
-        labels = self._labels(deployment, tags)
+        labels = self.encode_tags(deployment, tags)
         return {
             "provider": self.name,
             "project": self._project,
@@ -508,7 +499,7 @@ class GcpProvider(ProviderPlumbing):
         """Start creating the resource, or adopt the one already labelled with
         this deployment; never waits for the operation."""
         kind = self._kind(deployment)
-        labels = self._labels(deployment, tags)
+        labels = self.encode_tags(deployment, tags)
         kind.check_credentials(deployment, credentials)
         found, _ = find_or_create(
             label=kind.label,
