@@ -20,7 +20,6 @@ import logging
 import socket
 import traceback
 import urllib.parse
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,8 +27,9 @@ import boto3
 import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.config import Config
+from tests.providers.deployments import make_deployment, postgres
 
-from kidp import catalog, drift
+from kidp import drift
 from kidp import tags as tagging
 from kidp.errors import (
     CloudUnavailable,
@@ -41,9 +41,7 @@ from kidp.models import (
     CloudResource,
     DeletionPolicy,
     Deployment,
-    ResourceSpec,
     ResourceType,
-    new_deployment_id,
 )
 from kidp.ports import CloudProvider, Credentials
 from kidp.providers.aws import (
@@ -90,40 +88,6 @@ def short_circuit(status: int, parsed: dict[str, Any]) -> tuple[AWSResponse, dic
 def client(service: str) -> Any:
     """A verification client, independent of the provider's session and hooks."""
     return boto3.client(service, region_name=REGION)
-
-
-def make_deployment(
-    provider: AwsProvider,
-    resource_type: ResourceType,
-    *,
-    name: str = "orders",
-    namespace: str = "team-a",
-    deletion_policy: DeletionPolicy = DeletionPolicy.DELETE,
-    **spec: Any,
-) -> Deployment:
-    normalized = catalog.normalize(resource_type, ResourceSpec(**spec), provider.supported())
-    return Deployment(
-        id=new_deployment_id(),
-        namespace=namespace,
-        resource_type=resource_type,
-        resource_name=name,
-        team="payments",
-        owner="owner@example.com",
-        application="checkout",
-        resource_uid=str(uuid.uuid4()),
-        callback_url=None,
-        spec=normalized,
-        spec_fingerprint="test",
-        deletion_policy=deletion_policy,
-        provider="aws",
-        region=REGION,
-    )
-
-
-def postgres(provider: AwsProvider, **overrides: Any) -> Deployment:
-    spec: dict[str, Any] = {"engine": "postgresql", "version": "15", "size": "medium"}
-    spec.update(overrides)
-    return make_deployment(provider, ResourceType.DATABASE, **spec)
 
 
 def logical(deployment: Deployment) -> dict[str, str]:

@@ -13,7 +13,6 @@ import string
 import threading
 import time
 import traceback
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +20,7 @@ import pytest
 from azure.core.credentials import AccessToken
 from azure.core.exceptions import ClientAuthenticationError
 from tests.providers.azure.conftest import GROUP
+from tests.providers.deployments import make_deployment
 
 from kidp import catalog, drift, pricing
 from kidp import tags as tagging
@@ -40,7 +40,6 @@ from kidp.models import (
     Phase,
     ResourceSpec,
     ResourceType,
-    new_deployment_id,
 )
 from kidp.ports import CloudProvider, Credentials
 from kidp.providers.azure import API_VERSIONS, AzureProvider
@@ -53,36 +52,6 @@ PREFIX = "platform.company.com_"
 
 
 # --- helpers -----------------------------------------------------------------------
-
-
-def make_deployment(
-    provider: AzureProvider,
-    resource_type: ResourceType,
-    *,
-    name: str = "orders",
-    namespace: str = "team-a",
-    deletion_policy: DeletionPolicy = DeletionPolicy.DELETE,
-    phase: Phase = Phase.PROVISIONING,
-    **spec: Any,
-) -> Deployment:
-    normalized = catalog.normalize(resource_type, ResourceSpec(**spec), provider.supported())
-    return Deployment(
-        id=new_deployment_id(),
-        namespace=namespace,
-        resource_type=resource_type,
-        resource_name=name,
-        team="payments",
-        owner="owner@example.com",
-        application="checkout",
-        resource_uid=str(uuid.uuid4()),
-        callback_url=None,
-        spec=normalized,
-        spec_fingerprint="test",
-        deletion_policy=deletion_policy,
-        provider="azure",
-        region=provider.region,
-        phase=phase,
-    )
 
 
 def expected_tags(deployment: Deployment, managed_by: str = "kidp") -> dict[str, str]:

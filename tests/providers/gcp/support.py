@@ -3,21 +3,15 @@ Google clients (:class:`Operator`), and the worker's poll loops."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from google.auth.credentials import AnonymousCredentials
 
-from kidp import catalog
 from kidp import tags as tagging
 from kidp.gcp_emulator import GcpEmulator
 from kidp.models import (
     CloudResource,
-    DeletionPolicy,
     Deployment,
-    ResourceSpec,
-    ResourceType,
-    new_deployment_id,
 )
 from kidp.ports import Credentials
 from kidp.providers.gcp import GcpProvider
@@ -96,40 +90,6 @@ class Operator:
 
     def buckets(self) -> list[Any]:
         return list(self.storage.list_buckets())
-
-
-def make_deployment(
-    provider: GcpProvider,
-    resource_type: ResourceType,
-    *,
-    name: str = "orders",
-    namespace: str = "team-a",
-    deletion_policy: DeletionPolicy = DeletionPolicy.DELETE,
-    **spec: Any,
-) -> Deployment:
-    normalized = catalog.normalize(resource_type, ResourceSpec(**spec), provider.supported())
-    return Deployment(
-        id=new_deployment_id(),
-        namespace=namespace,
-        resource_type=resource_type,
-        resource_name=name,
-        team="payments",
-        owner="owner@example.com",
-        application="checkout",
-        resource_uid=str(uuid.uuid4()),
-        callback_url=None,
-        spec=normalized,
-        spec_fingerprint="test",
-        deletion_policy=deletion_policy,
-        provider="gcp",
-        region=REGION,
-    )
-
-
-def postgres(provider: GcpProvider, **overrides: Any) -> Deployment:
-    spec: dict[str, Any] = {"engine": "postgresql", "version": "15", "size": "medium"}
-    spec.update(overrides)
-    return make_deployment(provider, ResourceType.DATABASE, **spec)
 
 
 def expected_labels(deployment: Deployment, managed_by: str = "kidp") -> dict[str, str]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from tests.providers.deployments import make_deployment
 from tests.providers.gcp.support import (
     REGION,
     Operator,
     delete_until_done,
     deploy,
     expected_labels,
-    make_deployment,
     settle,
 )
 

@@ -7,6 +7,7 @@ import traceback
 
 import httpx
 import pytest
+from tests.providers.deployments import postgres
 from tests.providers.gcp.support import (
     CREDS,
     PASSWORD,
@@ -16,7 +17,6 @@ from tests.providers.gcp.support import (
     deploy,
     expected_labels,
     new_provider,
-    postgres,
     settle,
 )
 

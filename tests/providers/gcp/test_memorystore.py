@@ -6,13 +6,13 @@ from typing import Any
 
 import pytest
 from google.cloud import redis_v1
+from tests.providers.deployments import make_deployment
 from tests.providers.gcp.support import (
     REGION,
     Operator,
     delete_until_done,
     deploy,
     expected_labels,
-    make_deployment,
     settle,
 )
 

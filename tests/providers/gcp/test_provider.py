@@ -9,15 +9,14 @@ from typing import Any
 
 import pytest
 from google.auth.credentials import AnonymousCredentials
+from tests.providers.deployments import make_deployment, postgres
 from tests.providers.gcp.support import (
     CREDS,
     PASSWORD,
     REGION,
     Operator,
     deploy,
-    make_deployment,
     new_provider,
-    postgres,
     settle,
 )
 

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 from google.cloud import pubsub_v1
-from tests.providers.gcp.support import deploy, expected_labels, make_deployment, new_provider
+from tests.providers.deployments import make_deployment
+from tests.providers.gcp.support import deploy, expected_labels, new_provider
 
 from kidp import tags as tagging
 from kidp.errors import ProvisioningFailed

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.providers.gcp.support import (
-    Operator,
-    delete_until_done,
-    deploy,
-    expected_labels,
-    make_deployment,
-)
+from tests.providers.deployments import make_deployment
+from tests.providers.gcp.support import Operator, delete_until_done, deploy, expected_labels
 
 from kidp import drift
 from kidp.gcp_emulator import GcpEmulator
